@@ -27,6 +27,9 @@ def start_engine(model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: Ro
     """
     import torch
 
+    # vLLM's message queues otherwise advertise the machine's address; one engine per node only
+    # needs loopback. A tensor-parallel engine spanning nodes sets VLLM_HOST_IP itself.
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout_cfg.cpu_kv_cache_gib))
     from vllm import LLM
@@ -38,8 +41,16 @@ def start_engine(model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: Ro
         gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
         tensor_parallel_size=rollout_cfg.tensor_parallel_size,
         limit_mm_per_prompt={"image": 1, "video": 0},
-        mm_processor_kwargs={"min_pixels": model_cfg.min_pixels,
-                             "max_pixels": model_cfg.max_pixels},
+        mm_processor_kwargs={"size": {"shortest_edge": model_cfg.min_pixels,
+                                      "longest_edge": model_cfg.max_pixels}},
     )
     kwargs.update(overrides)
     return LLM(**kwargs)
+
+
+def stop_engine(llm) -> None:
+    """Shuts the engine's processes down now, while logging still works (at interpreter exit
+    vLLM's own clean-up logs to closed streams), and frees its memory."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from pipeline.config import parse_args
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     from glimpseprune.tiny import resolve_base_model
-    from glimpseprune.vllm_engine import start_engine
+    from glimpseprune.vllm_engine import start_engine, stop_engine
     from pipeline.data import load_split
     from pipeline.prompts import normalise_answer, prompt_text
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     outs = llm.generate(requests, SamplingParams(temperature=0.0,
                                                  max_tokens=cfg.rollout.max_new_tokens))
     vllm_ids = [list(o.outputs[0].token_ids) for o in outs]
+    stop_engine(llm)
     did.append(f"vLLM ({'GPU' if _cuda() else 'CPU'}) greedy answers to the same questions "
                f"(engine start + generate {time.perf_counter() - t0:.1f} s)")
 
@@ -104,7 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.model.path:
         print(" - note: the tiny base is untrained (random weights), so its accuracy is about "
               "chance or below; the point here is that both engines load it and agree")
+    summary_path = Path(cfg.output_dir) / "demo_summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
+    print(f"(summary written to {summary_path})")
 
 
 def _cuda() -> bool:

@@ -1,0 +1,105 @@
+"""The structured config: every shipped file loads, precedence holds, bad input names its key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import Config, ConfigError, flatten, load_config, to_yaml
+
+CONFIGS = sorted(Path("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_configs_folder_is_not_empty():
+    assert Path("configs/tiny.yaml") in CONFIGS
+
+
+def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
+    file = tmp_path / "x.yaml"
+    file.write_text("trainer:\n  total_steps: 7\n  eval_every: 3\n")
+    cfg = load_config(file, ["trainer.total_steps=9", "glimpse.max_keep_ratio=0.25"])
+    assert cfg.trainer.total_steps == 9  # the override beats the YAML
+    assert cfg.trainer.eval_every == 3  # the YAML beats the default (10)
+    assert cfg.trainer.prompts_per_step == 8  # untouched default
+    assert cfg.glimpse.max_keep_ratio == 0.25
+
+
+def test_unknown_override_names_the_key_and_suggests():
+    with pytest.raises(ConfigError, match=r"no_such\.key"):
+        load_config("configs/tiny.yaml", ["no_such.key=1"])
+    suggestion = r"trainer\.totl_steps.*did you mean 'trainer\.total_steps'"
+    with pytest.raises(ConfigError, match=suggestion):
+        load_config("configs/tiny.yaml", ["trainer.totl_steps=3"])
+
+
+def test_unknown_yaml_key_names_full_path_and_file(tmp_path):
+    file = tmp_path / "bad.yaml"
+    file.write_text("rollout:\n  n: 4\n  temprature: 0.7\n")
+    with pytest.raises(ConfigError, match=r"'rollout\.temprature' in .*bad\.yaml"):
+        load_config(file)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.total_steps=abc", "trainer.total_steps"),
+    ("rollout.temperature=hot", "rollout.temperature"),
+    ("glimpse.threshold=1.5", "glimpse.threshold"),
+    ("data.source=s3", "data.source"),
+    ("glimpse=3", "glimpse"),
+    ("trainer.total_steps", "trainer.total_steps"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("configs/tiny.yaml", [override])
+
+
+def test_user_data_needs_a_path():
+    with pytest.raises(ConfigError, match=r"data\.path"):
+        load_config("configs/tiny.yaml", ["data.source=jsonl"])
+
+
+def test_flatten_and_yaml_round_trip():
+    cfg = load_config("configs/tiny.yaml")
+    flat = flatten(cfg)
+    assert flat["reward.prune_bonus.weight"] == cfg.reward.prune_bonus.weight
+    assert flat["model.tiny.text_heads"] == 2
+    again = load_config(None, [f"{k}={v}" for k, v in flat.items()
+                               if not isinstance(v, list) and v is not None and v != ""])
+    assert flatten(again) == flat
+    assert yaml.safe_load(to_yaml(cfg))["glimpse"]["prune_layer"] == cfg.glimpse.prune_layer
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.config", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_prints_resolved_config():
+    out = _cli("--config", "configs/tiny.yaml", "trainer.total_steps=3")
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    assert printed["trainer"]["total_steps"] == 3
+    assert set(printed) >= {"model", "glimpse", "data", "rollout", "policy", "reference",
+                            "reward", "algo", "trainer", "checkpoint", "tracking", "cluster",
+                            "output_dir"}
+
+
+def test_cli_rejects_unknown_key_with_its_name():
+    out = _cli("--config", "configs/tiny.yaml", "no_such.key=1")
+    assert out.returncode != 0
+    assert "no_such.key" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_missing_file_is_clear():
+    out = _cli("--config", "configs/nope.yaml")
+    assert out.returncode != 0 and "config file not found" in out.stderr
