@@ -270,3 +270,20 @@ def load_split(data_cfg: DataConfig, split: str,
         log.warning(report.summary())
     dataset = datasets.Dataset.from_list(good)
     return dataset.cast_column("image", datasets.Image()), report
+
+
+def epoch_order(num_rows: int, seed: int, position: int, count: int) -> list[int]:
+    """Row indices `position .. position + count - 1` of an endless stream of seeded epochs.
+
+    Epoch e is a fixed permutation seeded by (seed, e), so a run resumed at a saved position
+    sees exactly the rows an uninterrupted run would, and none twice within an epoch.
+    """
+    import numpy as np
+
+    out, perms = [], {}
+    for p in range(position, position + count):
+        epoch, index = divmod(p, num_rows)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(num_rows)
+        out.append(int(perms[epoch][index]))
+    return out

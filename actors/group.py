@@ -1,0 +1,101 @@
+"""ActorGroup: N ranks of one Ray actor class in a placement group, wired for torch.distributed.
+
+Owns placement (one bundle per rank; PACK, SPREAD or STRICT_SPREAD), the rendezvous (rank 0's
+node address and a free port, published to every rank as MASTER_ADDR / MASTER_PORT / RANK /
+WORLD_SIZE / LOCAL_RANK), and calling a method on every rank, whole or with a batch split per
+data-parallel rank. Must not know what the actors compute.
+
+An actor class used here takes `dist: DistInfo` as its first constructor argument and calls
+`dist.init_process_group()` (or its framework's equivalent, after `dist.export_env()`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where a rank sits in its group and how to reach rank 0."""
+
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    backend: str  # gloo on CPU, nccl on GPU
+
+    def export_env(self) -> None:
+        """Sets the environment variables torch.distributed and DeepSpeed read."""
+        os.environ.update(MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port),
+                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                          LOCAL_RANK="0")  # one device per actor: Ray sets its visible device
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous_address() -> tuple[str, int]:
+    """Runs in rank 0's bundle: this node's address and a port free on it right now."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+class ActorGroup:
+    """Starts `num_ranks` actors of `actor_cls` and calls their methods together.
+
+    Args:
+        actor_cls: a plain class (made a Ray actor here) whose constructor takes `dist` first.
+        num_ranks: world size.
+        cpus_per_rank / gpus_per_rank: resources of each rank's bundle.
+        strategy: placement strategy of the group (PACK, SPREAD, STRICT_SPREAD).
+        args / kwargs: further constructor arguments, the same for every rank.
+    """
+
+    def __init__(self, actor_cls: type, num_ranks: int, *, cpus_per_rank: float = 1,
+                 gpus_per_rank: float = 0, strategy: str = "PACK", args: tuple = (),
+                 kwargs: dict | None = None, ready_timeout_s: float = 600):
+        bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+        self.placement = placement_group([dict(bundle) for _ in range(num_ranks)],
+                                         strategy=strategy)
+        ray.get(self.placement.ready(), timeout=ready_timeout_s)
+        addr, port = ray.get(_rendezvous_address.options(
+            scheduling_strategy=self._in_bundle(0)).remote())
+        backend = "nccl" if gpus_per_rank else "gloo"
+        remote_cls = ray.remote(actor_cls)
+        self.actors = [
+            remote_cls.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
+                               scheduling_strategy=self._in_bundle(rank)).remote(
+                DistInfo(rank, num_ranks, addr, port, backend), *args, **(kwargs or {}))
+            for rank in range(num_ranks)]
+        self.world_size = num_ranks
+
+    def _in_bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self.placement,
+                                                placement_group_bundle_index=index)
+
+    def run(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Calls `method` with the same arguments on every rank; returns each rank's result."""
+        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+
+    def run_split(self, method: str, batch: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        """Calls `method(shard, ...)` on every rank with `batch.split(world_size)[rank]`."""
+        shards = batch.split(self.world_size)
+        return ray.get([getattr(a, method).remote(shard, *args, **kwargs)
+                        for a, shard in zip(self.actors, shards, strict=True)])
+
+    def node_ids(self) -> list[str]:
+        """The Ray node each rank runs on (from Ray's own placement information)."""
+        table = ray.util.placement_group_table(self.placement)
+        return [table["bundles_to_node_id"][i] for i in range(self.world_size)]
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.placement)

@@ -1,0 +1,257 @@
+"""PolicyActor: one rank of the trained model under DeepSpeed ZeRO-3.
+
+Owns the DeepSpeed engine (its config is built here from the `policy` section, not read from a
+JSON file), the micro-batching and gradient accumulation of one optimiser step, log-probs of
+response tokens on a RolloutBatch, the stage losses that use them, checkpoints (DeepSpeed
+shards) and the gathered full weights for HF export and weight sync. Must not read data or talk
+to MLflow: the driver sends batches and logs what comes back.
+
+Loss normalisation (why the arithmetic below looks odd): a step's loss is the mean over every
+response token of the whole global batch, whatever the number of ranks and micro-batches. Each
+rank's micro-batch contributes sum(token losses) * world_size / global_tokens, because DeepSpeed
+averages gradients over ranks; so one rank and two ranks compute the same gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from actors.group import DistInfo
+from pipeline.batch import RolloutBatch
+from pipeline.config import ModelConfig, PolicyConfig
+from pipeline.prompts import prompt_text
+
+
+def _lr_lambda(policy_cfg: PolicyConfig, total_steps: int):
+    warmup = max(1, round(policy_cfg.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if policy_cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def deepspeed_config(policy_cfg: PolicyConfig, world_size: int, bf16: bool) -> dict:
+    """The DeepSpeed config of a policy (or reference) engine."""
+    micro = policy_cfg.micro_batch_size
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": policy_cfg.grad_accum_steps,
+        "train_batch_size": micro * policy_cfg.grad_accum_steps * world_size,
+        "gradient_clipping": policy_cfg.max_grad_norm,
+        "zero_optimization": {"stage": policy_cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": policy_cfg.lr, "weight_decay": policy_cfg.weight_decay,
+            "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class PolicyActor:
+    """One ZeRO-3 rank. Every public method is called on all ranks together (collectives).
+
+    Args:
+        dist: this rank's place in the group.
+        policy_cfg: the `policy` config section.
+        model_cfg: the `model` config section (dtype, trust_remote_code).
+        model_path: HF checkpoint folder to start from.
+        seed: torch seed (same on every rank).
+        total_steps: optimiser steps of the run, for the LR schedule.
+    """
+
+    def __init__(self, dist: DistInfo, policy_cfg: PolicyConfig, model_cfg: ModelConfig,
+                 model_path: str, seed: int, total_steps: int):
+        import deepspeed
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        dist.export_env()
+        torch.manual_seed(seed)
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        deepspeed.init_distributed(dist_backend=dist.backend)
+        self.dist, self.cfg = dist, policy_cfg
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        bf16 = self.device.type == "cuda" and model_cfg.dtype == "bfloat16"
+        self.processor = AutoProcessor.from_pretrained(
+            model_path, trust_remote_code=model_cfg.trust_remote_code)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            model_path, dtype=torch.bfloat16 if bf16 else torch.float32,
+            trust_remote_code=model_cfg.trust_remote_code)
+        if policy_cfg.freeze_vision:
+            model.model.visual.requires_grad_(False)
+        if policy_cfg.lora.enabled:
+            model = self._with_lora(model)
+        if policy_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=trainable,
+            config=deepspeed_config(policy_cfg, dist.world_size, bf16),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, _lr_lambda(policy_cfg, total_steps)))
+
+    def _with_lora(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        lora = self.cfg.lora
+        # Only the language model's Linear layers: the regex keeps the vision tower out.
+        pattern = r".*language_model.*\.(" + "|".join(lora.target_modules) + ")"
+        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha,
+                                                lora_dropout=lora.dropout,
+                                                target_modules=pattern))
+
+    # ----------------------------------------------------------------- forward
+    def _model_inputs(self, batch: RolloutBatch, rows: range) -> tuple[dict, list[range]]:
+        """Right-padded prompt + response sequences of `rows`, and each response's positions."""
+        pad = self.processor.tokenizer.pad_token_id
+        seqs, pixels, grids, spans = [], [], [], []
+        for i in rows:
+            p = batch.prompt_index_B[i]
+            enc = self.processor(text=[prompt_text(self.processor, batch.prompts.questions[p])],
+                                 images=[batch.prompts.images[p]], return_tensors="pt")
+            prompt_ids = enc["input_ids"][0].tolist()
+            spans.append(range(len(prompt_ids), len(prompt_ids) + len(batch.response_ids[i])))
+            seqs.append(prompt_ids + list(batch.response_ids[i]))
+            pixels.append(enc["pixel_values"])
+            grids.append(enc["image_grid_thw"])
+        length = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+        attention = torch.zeros((len(seqs), length), dtype=torch.long)
+        for j, seq in enumerate(seqs):
+            input_ids[j, :len(seq)] = torch.tensor(seq)
+            attention[j, :len(seq)] = 1
+        inputs = {"input_ids": input_ids, "attention_mask": attention,
+                  "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)}
+        return {k: v.to(self.device) for k, v in inputs.items()}, spans
+
+    def _response_logprobs(self, batch: RolloutBatch, rows: range) -> list[torch.Tensor]:
+        """Log-probs [T_i] of each row's response tokens (and the argmax hits, for eval)."""
+        inputs, spans = self._model_inputs(batch, rows)
+        logits = self.engine(**inputs, use_cache=False).logits.float()
+        out = []
+        for j, span in enumerate(spans):
+            targets = inputs["input_ids"][j, span.start:span.stop]
+            # position t predicts token t + 1
+            logp = torch.log_softmax(logits[j, span.start - 1:span.stop - 1], dim=-1)
+            out.append(logp.gather(-1, targets[:, None])[:, 0])
+        return out
+
+    def _micro_batches(self, batch: RolloutBatch) -> list[range]:
+        size = self.cfg.micro_batch_size
+        return [range(s, min(s + size, len(batch))) for s in range(0, len(batch), size)]
+
+    # ------------------------------------------------------------- public API
+    def compute_logprobs(self, batch: RolloutBatch) -> list[list[float]]:
+        """Log-probs of every response token of this rank's shard (no gradient)."""
+        self.engine.eval()
+        with torch.no_grad():
+            return [lp.tolist() for mb in self._micro_batches(batch)
+                    for lp in self._response_logprobs(batch, mb)]
+
+    def evaluate(self, batch: RolloutBatch) -> list[bool]:
+        """Per row: would greedy decoding reproduce the response exactly?
+
+        Greedy decoding emits the reference iff at every position the reference token is the
+        argmax along the reference's own prefix, so one teacher-forced pass answers it.
+        """
+        self.engine.eval()
+        hits = []
+        with torch.no_grad():
+            for mb in self._micro_batches(batch):
+                inputs, spans = self._model_inputs(batch, mb)
+                logits = self.engine(**inputs, use_cache=False).logits
+                for j, span in enumerate(spans):
+                    pred = logits[j, span.start - 1:span.stop - 1].argmax(-1)
+                    hits.append(bool((pred == inputs["input_ids"][j, span.start:span.stop])
+                                     .all()))
+        return hits
+
+    def train_step(self, batch: RolloutBatch, loss: str = "sft") -> dict[str, float]:
+        """One optimiser step over this rank's shard, accumulated over micro-batches.
+
+        Args:
+            batch: this rank's rows.
+            loss: "sft" (negative log-likelihood of the response tokens).
+
+        Returns:
+            loss (global token mean), grad_norm, lr and the number of response tokens.
+        """
+        if loss != "sft":
+            raise ValueError(f"unknown loss {loss!r}; this engine knows: sft")
+        self.engine.train()
+        local_tokens = torch.tensor([float(sum(len(r) for r in batch.response_ids))])
+        global_tokens = local_tokens.clone()
+        torch.distributed.all_reduce(global_tokens)
+        total = torch.zeros(1)
+        micro = self._micro_batches(batch)
+        for k, rows in enumerate(micro):
+            self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+            logprobs = self._response_logprobs(batch, rows)
+            token_sum = -torch.cat(logprobs).sum()
+            scaled = token_sum * self.dist.world_size / global_tokens.item()
+            self.engine.backward(scaled, scale_wrt_gas=False)
+            total += token_sum.detach().cpu()
+        lr = self.scheduler.get_last_lr()[0]
+        self.engine.step()
+        torch.distributed.all_reduce(total)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"loss": float(total.item() / global_tokens.item()), "lr": float(lr),
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens": float(global_tokens.item())}
+
+    def save_checkpoint(self, folder: str, client_state: dict) -> None:
+        """DeepSpeed shards + optimiser + `client_state` (step, data position) into `folder`."""
+        self.engine.save_checkpoint(folder, tag="state", client_state=client_state)
+
+    def load_checkpoint(self, folder: str) -> dict:
+        """Restores weights, optimiser and scheduler; returns the saved client_state."""
+        _, client_state = self.engine.load_checkpoint(folder, tag="state")
+        return client_state
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights (HF names; LoRA merged) on rank 0, None elsewhere. Collective."""
+        import deepspeed
+
+        module = self.engine.module
+        state = {}
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if self.dist.rank == 0:
+                    state[name] = param.detach().to("cpu", copy=True)
+        return state if self.dist.rank == 0 else None
+
+    @staticmethod
+    def _save_merged_lora(module, folder: str) -> None:
+        # Merge, save under the base model's own names, unmerge: training goes on unchanged.
+        module.merge_adapter()
+        base = module.get_base_model()
+        state = {name.replace(".base_layer", ""): tensor
+                 for name, tensor in base.state_dict().items() if ".lora_" not in name}
+        base.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        module.unmerge_adapter()
+
+    def export_hf(self, folder: str) -> None:
+        """Writes an HF-format checkpoint (safetensors + processor) to `folder` from rank 0."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if self.dist.rank == 0:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                if self.cfg.lora.enabled:
+                    self._save_merged_lora(module, folder)
+                else:
+                    module.save_pretrained(folder, safe_serialization=True)
+                self.processor.save_pretrained(folder)
+        torch.distributed.barrier()

@@ -1,0 +1,107 @@
+"""MLflow tracking for the driver: runs, params, metrics, checkpoints and model versions.
+
+Owns the tracking URI rule (`tracking.uri`, else $MLFLOW_TRACKING_URI, else a SQLite file under
+output_dir with artifacts beside it), one run per stage (nested under a pipeline parent run when
+one is given), the resolved config as flattened params, metric-key sanitising, and logging a
+checkpoint folder as an artifact registered as a model version with tags.
+Only the driver imports this; actors return numbers and the driver logs them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, flatten
+
+_BAD_KEY_CHARS = re.compile(r"[^0-9A-Za-z_\-. /:]")
+
+
+def sanitise_key(key: str) -> str:
+    """MLflow accepts letters, digits and `_-. /:` in keys; anything else becomes `_`."""
+    return _BAD_KEY_CHARS.sub("_", key)
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    """One MLflow run of one stage.
+
+    Args:
+        cfg: the resolved config (logged as params).
+        stage: sft, glimpse, grpo, evaluate or demo; tagged and used in the run name.
+        parent_run_id: nest this run under a pipeline (demo) run.
+    """
+
+    def __init__(self, cfg: Config, stage: str, parent_run_id: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri(cfg)
+        self.client = MlflowClient(self.uri)
+        experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None:
+            # Artifacts next to the database, not in ./mlruns of whatever folder we run from.
+            artifacts = (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri()
+            experiment_id = self.client.create_experiment(cfg.tracking.experiment,
+                                                          artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+        tags = {"stage": stage}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=stage, tags=tags)
+        self.run_id = run.info.run_id
+        self.register = cfg.tracking.register_models
+        self.stage = stage
+        self._log_params(flatten(cfg))
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(sanitise_key(k), str(v)[:6000]) for k, v in sorted(params.items())]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Logs numeric metrics at `step` (keys sanitised; None values skipped)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(sanitise_key(k), float(v), now, step)
+                 for k, v in metrics.items() if v is not None]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_checkpoint(self, folder: str | Path, artifact_path: str, model_name: str,
+                       tags: dict[str, Any]) -> str | None:
+        """Logs a checkpoint folder as artifacts and registers it as a model version.
+
+        Returns the model version number, or None when registration is off.
+        """
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        if not self.register:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException:
+            pass  # already registered: add a version
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(
+            model_name, source=source, run_id=self.run_id,
+            tags={k: str(v) for k, v in {"stage": self.stage, **tags}.items()})
+        return version.version
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
