@@ -68,10 +68,13 @@ class PolicyActor:
         model_path: HF checkpoint folder to start from.
         seed: torch seed (same on every rank).
         total_steps: optimiser steps of the run, for the LR schedule.
+        dense_heads: add pipeline.dense's per-cell heads (synthetic data's vision pretraining).
+        vision_lr_scale: the vision tower's LR relative to `policy_cfg.lr`.
     """
 
     def __init__(self, dist: DistInfo, policy_cfg: PolicyConfig, model_cfg: ModelConfig,
-                 model_path: str, seed: int, total_steps: int):
+                 model_path: str, seed: int, total_steps: int, dense_heads: bool = False,
+                 vision_lr_scale: float = 1.0):
         import deepspeed
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -93,12 +96,32 @@ class PolicyActor:
             model = self._with_lora(model)
         if policy_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        if dense_heads:
+            from pipeline.dense import DenseHeads
+
+            model.dense_heads = DenseHeads(model.config.text_config.hidden_size)
+        groups = [
+            {"params": [p for n, p in model.named_parameters()
+                        if p.requires_grad and ".visual." not in f".{n}"]},
+            {"params": [p for n, p in model.named_parameters()
+                        if p.requires_grad and ".visual." in f".{n}"],
+             "lr": policy_cfg.lr * vision_lr_scale}]
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=trainable,
+            model=model, model_parameters=[g for g in groups if g["params"]],
             config=deepspeed_config(policy_cfg, dist.world_size, bf16),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, _lr_lambda(policy_cfg, total_steps)))
+        # The vision tower's merged output of the latest forward, for the dense auxiliary loss.
+        self._visual_out: torch.Tensor | None = None
+        self._visual().register_forward_hook(self._keep_visual_output)
+
+    def _visual(self):
+        module = self.engine.module
+        base = module.get_base_model() if self.cfg.lora.enabled else module
+        return base.model.visual
+
+    def _keep_visual_output(self, _module, _inputs, output) -> None:
+        self._visual_out = output.pooler_output
 
     def _with_lora(self, model):
         from peft import LoraConfig, get_peft_model
@@ -132,11 +155,13 @@ class PolicyActor:
             attention[j, :len(seq)] = 1
         inputs = {"input_ids": input_ids, "attention_mask": attention,
                   "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)}
+        # (row order = image order: one image per prompt, rows in `rows` order)
         return {k: v.to(self.device) for k, v in inputs.items()}, spans
 
     def _response_logprobs(self, batch: RolloutBatch, rows: range) -> list[torch.Tensor]:
         """Log-probs [T_i] of each row's response tokens (and the argmax hits, for eval)."""
         inputs, spans = self._model_inputs(batch, rows)
+        self._last_grids = inputs["image_grid_thw"]
         logits = self.engine(**inputs, use_cache=False).logits.float()
         out = []
         for j, span in enumerate(spans):
@@ -176,38 +201,81 @@ class PolicyActor:
                                      .all()))
         return hits
 
-    def train_step(self, batch: RolloutBatch, loss: str = "sft") -> dict[str, float]:
+    def _dense_loss(self, batch: RolloutBatch, rows: range, grids: torch.Tensor,
+                    feats_VD: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean per-image dense loss over `rows` (their images in order) and head accuracies."""
+        from pipeline.dense import cell_labels
+
+        sizes = (grids.prod(-1) // 4).tolist()
+        losses, accs = [], []
+        for i, feats, grid in zip(rows, torch.split(feats_VD, sizes), grids, strict=True):
+            p = batch.prompt_index_B[i]
+            image = batch.prompts.images[p]
+            labels = cell_labels(batch.prompts.objects[p], (image.height, image.width),
+                                 (int(grid[1]) // 2, int(grid[2]) // 2))
+            loss, acc = self.engine.module.dense_heads(feats, labels)
+            losses.append(loss)
+            accs.append(acc)
+        mean_acc = {f"dense_acc_{k}": sum(a.get(k, 0.0) for a in accs) / len(accs)
+                    for k in ("kind", "color", "digit")}
+        return torch.stack(losses).sum(), mean_acc
+
+    def _vision_only(self, batch: RolloutBatch, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+        images = [batch.prompts.images[batch.prompt_index_B[i]] for i in rows]
+        enc = self.processor.image_processor(images=images, return_tensors="pt")
+        grids = enc["image_grid_thw"].to(self.device)
+        feats = self._visual()(enc["pixel_values"].to(self.device), grid_thw=grids).pooler_output
+        return grids, feats
+
+    def train_step(self, batch: RolloutBatch, loss: str = "sft",
+                   dense_weight: float = 0.0) -> dict[str, float]:
         """One optimiser step over this rank's shard, accumulated over micro-batches.
 
         Args:
             batch: this rank's rows.
-            loss: "sft" (negative log-likelihood of the response tokens).
+            loss: "sft" (negative log-likelihood of the response tokens, global token mean)
+                or "dense" (the vision tower's per-cell loss alone, no language model pass).
+            dense_weight: weight of the per-cell loss added to "sft" (0: none).
 
         Returns:
-            loss (global token mean), grad_norm, lr and the number of response tokens.
+            loss (the answer NLL for "sft", the dense loss for "dense"), grad_norm, lr,
+            tokens, and the dense heads' accuracies when they ran.
         """
-        if loss != "sft":
-            raise ValueError(f"unknown loss {loss!r}; this engine knows: sft")
+        if loss not in ("sft", "dense"):
+            raise ValueError(f"unknown loss {loss!r}; this engine knows: sft, dense")
         self.engine.train()
-        local_tokens = torch.tensor([float(sum(len(r) for r in batch.response_ids))])
-        global_tokens = local_tokens.clone()
-        torch.distributed.all_reduce(global_tokens)
-        total = torch.zeros(1)
+        counts = torch.tensor([float(sum(len(r) for r in batch.response_ids)), float(len(batch))])
+        torch.distributed.all_reduce(counts)  # global response tokens, global rows
+        global_tokens, global_rows = counts.tolist()
+        totals = torch.zeros(2)  # answer NLL sum, dense loss sum
+        dense_acc: dict[str, float] = {}
         micro = self._micro_batches(batch)
         for k, rows in enumerate(micro):
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-            logprobs = self._response_logprobs(batch, rows)
-            token_sum = -torch.cat(logprobs).sum()
-            scaled = token_sum * self.dist.world_size / global_tokens.item()
-            self.engine.backward(scaled, scale_wrt_gas=False)
-            total += token_sum.detach().cpu()
+            objective = torch.zeros(())
+            if loss == "sft":
+                token_sum = -torch.cat(self._response_logprobs(batch, rows)).sum()
+                objective = token_sum / global_tokens
+                totals[0] += token_sum.detach().cpu()
+            if loss == "dense" or dense_weight > 0:
+                if loss == "dense":
+                    grids, feats = self._vision_only(batch, rows)
+                else:  # the vision output of the forward just run
+                    grids, feats = self._last_grids, self._visual_out
+                dense_sum, dense_acc = self._dense_loss(batch, rows, grids, feats)
+                weight = 1.0 if loss == "dense" else dense_weight
+                objective = objective + weight * dense_sum / global_rows
+                totals[1] += dense_sum.detach().cpu()
+            # DeepSpeed averages gradients over ranks: scale back up to the global mean.
+            self.engine.backward(objective * self.dist.world_size, scale_wrt_gas=False)
         lr = self.scheduler.get_last_lr()[0]
         self.engine.step()
-        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(totals)
         grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": float(total.item() / global_tokens.item()), "lr": float(lr),
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "tokens": float(global_tokens.item())}
+        main = totals[0] / global_tokens if loss == "sft" else totals[1] / global_rows
+        return {"loss": float(main), "dense_loss": float(totals[1] / global_rows),
+                "lr": float(lr), "tokens": global_tokens, **dense_acc,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     def save_checkpoint(self, folder: str, client_state: dict) -> None:
         """DeepSpeed shards + optimiser + `client_state` (step, data position) into `folder`."""
@@ -225,6 +293,8 @@ class PolicyActor:
         module = self.engine.module
         state = {}
         for name, param in module.named_parameters():
+            if name.startswith("dense_heads."):
+                continue  # a training aid, not part of the model
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if self.dist.rank == 0:
                     state[name] = param.detach().to("cpu", copy=True)
@@ -252,6 +322,8 @@ class PolicyActor:
                 if self.cfg.lora.enabled:
                     self._save_merged_lora(module, folder)
                 else:
-                    module.save_pretrained(folder, safe_serialization=True)
+                    state = {k: v for k, v in module.state_dict().items()
+                             if not k.startswith("dense_heads.")}
+                    module.save_pretrained(folder, state_dict=state, safe_serialization=True)
                 self.processor.save_pretrained(folder)
         torch.distributed.barrier()

@@ -36,6 +36,7 @@ class PromptBatch:
     answers: list[str]
     boxes: list[list[list[float]]] = field(default_factory=list)  # per prompt, xyxy pixels
     question_types: list[str] = field(default_factory=list)
+    objects: list[str] = field(default_factory=list)  # synthetic only: JSON of every object
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -45,7 +46,8 @@ class PromptBatch:
         return cls(ids=[r["id"] for r in rows], images=[r["image"] for r in rows],
                    questions=[r["question"] for r in rows], answers=[r["answer"] for r in rows],
                    boxes=[r.get("boxes") or [] for r in rows],
-                   question_types=[r.get("question_type") or "" for r in rows])
+                   question_types=[r.get("question_type") or "" for r in rows],
+                   objects=[r.get("objects") or "" for r in rows])
 
     def take(self, indices: list[int] | range) -> PromptBatch:
         def pick(values: list) -> list:
@@ -53,7 +55,8 @@ class PromptBatch:
 
         return PromptBatch(ids=pick(self.ids), images=pick(self.images),
                            questions=pick(self.questions), answers=pick(self.answers),
-                           boxes=pick(self.boxes), question_types=pick(self.question_types))
+                           boxes=pick(self.boxes), question_types=pick(self.question_types),
+                           objects=pick(self.objects))
 
     def split(self, parts: int) -> list[PromptBatch]:
         return [self.take(r) for r in _chunks(len(self), parts)]

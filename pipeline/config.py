@@ -210,6 +210,22 @@ class TrainerConfig:
 
 
 @dataclass
+class SftConfig:
+    """The supervised warm start (pipeline.sft); its own steps and LR, the `policy` engine."""
+
+    total_steps: int = 3000
+    prompts_per_step: int = 8
+    lr: float = 1e-3
+    eval_every: int = 500
+    # Synthetic data only: dense per-cell labels (kind, colour, digit of what covers each merged
+    # visual-token cell) from the generator's geometry. The first `vision_pretrain_steps` train
+    # the vision tower + linear heads on them alone; later steps add them to the answer loss.
+    vision_pretrain_steps: int = 0
+    dense_loss_weight: float = 0.0
+    vision_lr_scale: float = 1.0  # the vision tower's LR relative to `sft.lr`
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 10
     resume: str = ""  # "" | latest | <path> | mlflow:<run_id>
@@ -245,6 +261,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -322,6 +339,13 @@ def _validate(cfg: Config) -> None:
     for name in ("n", "max_new_tokens", "num_engines", "tensor_parallel_size"):
         if getattr(cfg.rollout, name) < 1:
             raise ConfigError(f"config key 'rollout.{name}' must be at least 1")
+    dense = cfg.sft.vision_pretrain_steps > 0 or cfg.sft.dense_loss_weight > 0
+    if dense and cfg.policy.freeze_vision:
+        raise ConfigError("config keys 'sft.vision_pretrain_steps' / 'sft.dense_loss_weight' "
+                          "train the vision tower: set policy.freeze_vision=false")
+    if dense and cfg.data.source != "synthetic":
+        raise ConfigError("config key 'sft.dense_loss_weight' needs the synthetic data's "
+                          "geometry (data.source=synthetic)")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"config key 'data.path' is required when data.source is "
                           f"'{cfg.data.source}'")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.batch import PromptBatch, RolloutBatch
@@ -60,10 +61,13 @@ def run(cfg: Config) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(base)
     init_ray(cfg.cluster)
     tracker = Tracker(cfg, "sft")
+    sft = cfg.sft
+    dense = sft.vision_pretrain_steps > 0 or sft.dense_loss_weight > 0
     group = ActorGroup(PolicyActor, cfg.policy.num_ranks,
                        strategy=cfg.cluster.placement_strategy,
-                       args=(cfg.policy, cfg.model, str(base), cfg.trainer.seed,
-                             cfg.trainer.total_steps))
+                       args=(replace(cfg.policy, lr=sft.lr), cfg.model, str(base),
+                             cfg.trainer.seed, sft.total_steps),
+                       kwargs={"dense_heads": dense, "vision_lr_scale": sft.vision_lr_scale})
     checkpoints = Checkpointer(out / "checkpoints" / "sft", cfg.checkpoint.keep_last)
     start_step, position = 0, 0
     resume_from = checkpoints.resolve(cfg.checkpoint.resume, tracker.client)
@@ -76,37 +80,44 @@ def run(cfg: Config) -> dict:
     evaluation: dict[str, float] = {}
     consumed_log = out / "sft" / "consumed.jsonl"
     consumed_log.parent.mkdir(parents=True, exist_ok=True)
-    for step in range(start_step + 1, cfg.trainer.total_steps + 1):
+    for step in range(start_step + 1, sft.total_steps + 1):
         t_step = time.perf_counter()
-        indices = epoch_order(len(train), cfg.trainer.seed, position, cfg.trainer.prompts_per_step)
+        indices = epoch_order(len(train), cfg.trainer.seed, position, sft.prompts_per_step)
         position += len(indices)
         rows = [train[i] for i in indices]
         batch = answer_batch(rows, tokenizer)
         with consumed_log.open("a") as handle:  # which rows each step used: resume audits
             handle.write(json.dumps({"step": step, "ids": [r["id"] for r in rows]}) + "\n")
         t_train = time.perf_counter()
-        metrics = group.run_split("train_step", batch, "sft")[0]
-        record = {"policy/loss": metrics["loss"], "policy/grad_norm": metrics["grad_norm"],
-                  "policy/lr": metrics["lr"], "timing_s/train": time.perf_counter() - t_train}
-        if step % cfg.trainer.eval_every == 0 or step == cfg.trainer.total_steps:
+        phase = "dense" if step <= sft.vision_pretrain_steps else "sft"
+        metrics = group.run_split("train_step", batch, phase, sft.dense_loss_weight)[0]
+        record = {"policy/grad_norm": metrics["grad_norm"], "policy/lr": metrics["lr"],
+                  "timing_s/train": time.perf_counter() - t_train}
+        if phase == "sft":
+            record["policy/loss"] = metrics["loss"]
+        if dense:
+            record["policy/dense_loss"] = metrics["dense_loss"]
+            record.update({f"policy/{k}": v for k, v in metrics.items()
+                           if k.startswith("dense_acc_")})
+        if step % sft.eval_every == 0 or step == sft.total_steps:
             evaluation = evaluate(group, validation, tokenizer, cfg.trainer.eval_samples)
             record.update(evaluation)
-        if step % cfg.checkpoint.every_steps == 0 or step == cfg.trainer.total_steps:
+        if step % cfg.checkpoint.every_steps == 0 or step == sft.total_steps:
             folder = checkpoints.save(group, step, {"data_position": position})
             tracker.client.set_tag(tracker.run_id, "checkpoint_dir", str(folder.resolve()))
         record["timing_s/step"] = time.perf_counter() - t_step
         tracker.log(record, step)
-        print(f"sft step {step}/{cfg.trainer.total_steps} loss {metrics['loss']:.4f} "
+        print(f"sft step {step}/{sft.total_steps} {phase} loss {metrics['loss']:.4f} "
               f"lr {metrics['lr']:.2e} acc {evaluation.get('eval/accuracy', float('nan')):.3f} "
               f"{record['timing_s/step']:.2f}s", flush=True)
 
     export = out / "sft" / "final"
     group.run("export_hf", str(export))
-    summary = {"stage": "sft", "steps": cfg.trainer.total_steps, "export": str(export),
+    summary = {"stage": "sft", "steps": sft.total_steps, "export": str(export),
                "mlflow_run_id": tracker.run_id, **evaluation}
     summary["model_version"] = tracker.log_checkpoint(
         export, "checkpoint", f"{cfg.tracking.experiment}-sft",
-        {"step": cfg.trainer.total_steps, "accuracy": evaluation.get("eval/accuracy", "")})
+        {"step": sft.total_steps, "accuracy": evaluation.get("eval/accuracy", "")})
     (out / "sft" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     tracker.finish()
     group.shutdown()

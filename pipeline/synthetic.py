@@ -87,7 +87,7 @@ def _draw_digit(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], digit
         draw.rectangle([sx0 - t / 2, sy0 - t / 2, sx1 + t / 2, sy1 + t / 2], fill=(20, 20, 20))
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
     x0, y0, x1, y1 = obj.box
     rgb = COLORS[obj.color]
     if obj.kind == "circle":
@@ -158,7 +158,7 @@ def render(cfg: SyntheticConfig, objects: list[SceneObject],
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for obj in objects:
-        _draw_object(draw, obj)
+        draw_object(draw, obj)
     return image
 
 

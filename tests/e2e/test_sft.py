@@ -14,9 +14,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ARGS = ["data.synthetic.num_train=40", "data.synthetic.num_validation=8",
-        "data.synthetic.num_test=2", "trainer.total_steps=4", "trainer.eval_every=2",
-        "trainer.eval_samples=8", "checkpoint.every_steps=2", "policy.lr=1e-3",
-        "trainer.prompts_per_step=4"]
+        "data.synthetic.num_test=2", "sft.total_steps=4", "sft.eval_every=2",
+        "trainer.eval_samples=8", "checkpoint.every_steps=2", "sft.lr=1e-3",
+        "sft.prompts_per_step=4"]
 
 
 def _sft(out, *extra, background=False):
