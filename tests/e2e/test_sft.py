@@ -67,7 +67,7 @@ def test_mlflow_run_holds_params_metrics_and_a_loadable_model_version(uninterrup
     client = _client(uninterrupted)
     run = client.search_runs([client.get_experiment_by_name("glimpseprune-plus")
                               .experiment_id])[0]
-    assert run.data.params["trainer.total_steps"] == "4"
+    assert run.data.params["sft.total_steps"] == "4"
     assert run.data.tags["stage"] == "sft"
     assert len(client.get_metric_history(run.info.run_id, "policy/loss")) == 4
     assert len(client.get_metric_history(run.info.run_id, "eval/accuracy")) == 2
