@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -69,12 +70,15 @@ class PolicyActor:
         seed: torch seed (same on every rank).
         total_steps: optimiser steps of the run, for the LR schedule.
         dense_heads: add pipeline.dense's per-cell heads (synthetic data's vision pretraining).
-        vision_lr_scale: the vision tower's LR relative to `policy_cfg.lr`.
+        vision_lr_scale: the vision tower's LR relative to the LR.
+        lr: the stage's LR; None takes `policy_cfg.lr`.
+        glimpse_cfg: stage 1: train only the glimpse token + VIP of a GlimpsePruneModel built
+            on the frozen base (a `GlimpseConfig`); None trains the base model itself.
     """
 
     def __init__(self, dist: DistInfo, policy_cfg: PolicyConfig, model_cfg: ModelConfig,
                  model_path: str, seed: int, total_steps: int, dense_heads: bool = False,
-                 vision_lr_scale: float = 1.0):
+                 vision_lr_scale: float = 1.0, lr: float | None = None, glimpse_cfg=None):
         import deepspeed
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -82,14 +86,19 @@ class PolicyActor:
         torch.manual_seed(seed)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         deepspeed.init_distributed(dist_backend=dist.backend)
-        self.dist, self.cfg = dist, policy_cfg
+        if lr is not None:
+            policy_cfg = replace(policy_cfg, lr=lr)
+        self.dist, self.cfg, self.glimpse = dist, policy_cfg, glimpse_cfg is not None
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         bf16 = self.device.type == "cuda" and model_cfg.dtype == "bfloat16"
         self.processor = AutoProcessor.from_pretrained(
             model_path, trust_remote_code=model_cfg.trust_remote_code)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        if self.glimpse:
+            self._init_glimpse(deepspeed, model_path, glimpse_cfg, dtype, seed, total_steps, bf16)
+            return
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            model_path, dtype=torch.bfloat16 if bf16 else torch.float32,
-            trust_remote_code=model_cfg.trust_remote_code)
+            model_path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
         if policy_cfg.freeze_vision:
             model.model.visual.requires_grad_(False)
         if policy_cfg.lora.enabled:
@@ -114,6 +123,17 @@ class PolicyActor:
         # The vision tower's merged output of the latest forward, for the dense auxiliary loss.
         self._visual_out: torch.Tensor | None = None
         self._visual().register_forward_hook(self._keep_visual_output)
+
+    def _init_glimpse(self, deepspeed, model_path, glimpse_cfg, dtype, seed, total_steps, bf16):
+        from glimpseprune.model import GlimpsePruneModel
+
+        model = GlimpsePruneModel.from_pretrained(model_path, glimpse_cfg, dtype=dtype,
+                                                  seed=seed).stage1()
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=list(model.glimpse_modules.parameters()),
+            config=deepspeed_config(self.cfg, self.dist.world_size, bf16),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, _lr_lambda(self.cfg, total_steps)))
 
     def _visual(self):
         module = self.engine.module
@@ -241,8 +261,11 @@ class PolicyActor:
             loss (the answer NLL for "sft", the dense loss for "dense"), grad_norm, lr,
             tokens, and the dense heads' accuracies when they ran.
         """
+        if loss == "glimpse_box":
+            return self._glimpse_box_step(batch)
         if loss not in ("sft", "dense"):
-            raise ValueError(f"unknown loss {loss!r}; this engine knows: sft, dense")
+            raise ValueError(f"unknown loss {loss!r}; this engine knows: sft, dense, "
+                             "glimpse_box")
         self.engine.train()
         counts = torch.tensor([float(sum(len(r) for r in batch.response_ids)), float(len(batch))])
         torch.distributed.all_reduce(counts)  # global response tokens, global rows
@@ -276,6 +299,77 @@ class PolicyActor:
         return {"loss": float(main), "dense_loss": float(totals[1] / global_rows),
                 "lr": float(lr), "tokens": global_tokens, **dense_acc,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    def _prompt_inputs(self, batch: RolloutBatch, rows: range) -> dict:
+        """A left-padded processor batch of the rows' prompts (what GlimpsePruneModel takes)."""
+        prompts = [batch.prompt_index_B[i] for i in rows]
+        self.processor.tokenizer.padding_side = "left"
+        enc = self.processor(
+            text=[prompt_text(self.processor, batch.prompts.questions[p]) for p in prompts],
+            images=[batch.prompts.images[p] for p in prompts], padding=True,
+            return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items() if k != "mm_token_type_ids"}
+
+    def _box_targets(self, batch: RolloutBatch, rows: range, grids: torch.Tensor) -> list:
+        from glimpseprune.grid import boxes_to_token_mask
+
+        targets = []
+        for i, grid in zip(rows, grids, strict=True):
+            p = batch.prompt_index_B[i]
+            image = batch.prompts.images[p]
+            mask = boxes_to_token_mask(batch.prompts.boxes[p], (image.height, image.width),
+                                       (int(grid[1]) // 2, int(grid[2]) // 2))
+            targets.append(torch.as_tensor(mask.ravel(), device=self.device))
+        return targets
+
+    def _glimpse_box_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """Stage 1: Dice + 0.1 BCE of the VIP logits against the target-box token masks."""
+        from glimpseprune.keep import keep_masks_for_batch
+        from glimpseprune.losses import box_loss
+
+        self.engine.train()
+        rows_total = torch.tensor([float(len(batch))])
+        torch.distributed.all_reduce(rows_total)
+        sums = torch.zeros(4)  # loss, kept tokens, visual tokens, target tokens kept
+        target_total = torch.zeros(1)
+        micro = self._micro_batches(batch)
+        module = self.engine.module
+        for k, rows in enumerate(micro):
+            self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+            inputs = self._prompt_inputs(batch, rows)
+            vip_logits = self.engine(**inputs)
+            targets = self._box_targets(batch, rows, inputs["image_grid_thw"])
+            losses = torch.stack([box_loss(v, t) for v, t in zip(vip_logits, targets,
+                                                                  strict=True)])
+            self.engine.backward(losses.sum() / rows_total.item() * self.dist.world_size,
+                                 scale_wrt_gas=False)
+            keep = keep_masks_for_batch([v.detach() for v in vip_logits], module.threshold,
+                                        module.min_keep, module.max_keep_ratio)
+            for m, t, l_ in zip(keep, targets, losses, strict=True):
+                sums += torch.tensor([float(l_), float(m.sum()), float(m.numel()),
+                                      float((m & t.bool()).sum())])
+                target_total += float(t.sum())
+        lr = self.scheduler.get_last_lr()[0]
+        self.engine.step()
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(target_total)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"loss": float(sums[0] / rows_total), "lr": float(lr),
+                "keep_ratio": float(sums[1] / sums[2]),
+                "box_recall": float(sums[3] / target_total.clamp(min=1)),
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    def export_glimpse(self, folder: str) -> None:
+        """Writes the glimpse modules (safetensors + JSON) to `folder` from rank 0. Collective."""
+        import deepspeed
+
+        from glimpseprune.io import save_modules
+
+        modules = self.engine.module.glimpse_modules
+        with deepspeed.zero.GatheredParameters(list(modules.parameters()), modifier_rank=None):
+            if self.dist.rank == 0:
+                save_modules(modules, folder)
+        torch.distributed.barrier()
 
     def save_checkpoint(self, folder: str, client_state: dict) -> None:
         """DeepSpeed shards + optimiser + `client_state` (step, data position) into `folder`."""

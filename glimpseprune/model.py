@@ -129,6 +129,10 @@ class GlimpsePruneModel(nn.Module):
         return cls(base, modules.to(dtype).eval(), glimpse_cfg.threshold, glimpse_cfg.min_keep,
                    glimpse_cfg.max_keep_ratio)
 
+    def forward(self, **inputs) -> list[torch.Tensor]:
+        """Stage-1 training forward (what a DeepSpeed engine calls): per row, [V_b] VIP logits."""
+        return self.vip_logits(inputs)
+
     def stage1(self) -> GlimpsePruneModel:
         """Freezes the base (eval, no grads) and makes only glimpse + VIP trainable."""
         self.base.requires_grad_(False).eval()

@@ -70,3 +70,32 @@ def test_two_ranks_equal_one_rank(ray_local, tiny_model_dir):
     assert sum(not torch.equal(state_1[k], initial[k]) for k in language) > len(language) // 2
     assert max((torch.tensor(a) - torch.tensor(b)).abs().max().item()
                for a, b in zip(logprobs_1, logprobs_2, strict=True)) < 1e-5
+
+
+def test_stage1_trains_only_glimpse_modules_and_base_stays_bit_identical(ray_local,
+                                                                         tiny_model_dir):
+    from actors.group import ActorGroup
+    from actors.policy import PolicyActor
+    from glimpseprune.model import GlimpsePruneModel
+
+    cfg = load_config("configs/tiny.yaml", ["policy.micro_batch_size=2"])
+    group = ActorGroup(PolicyActor, 2, args=(cfg.policy, cfg.model, str(tiny_model_dir), 0, 10),
+                       kwargs={"lr": 1e-3, "glimpse_cfg": cfg.glimpse})
+    try:
+        batch = _batch(tiny_model_dir)
+        first = group.run_split("train_step", batch, "glimpse_box")[0]
+        for _ in range(3):
+            last = group.run_split("train_step", batch, "glimpse_box")[0]
+        state = group.run("gathered_state_dict")[0]
+    finally:
+        group.shutdown()
+    assert last["loss"] < first["loss"]  # Dice + 0.1 BCE on the same 6 rows goes down
+    assert 0.0 < last["keep_ratio"] <= 1.0 and 0.0 <= last["box_recall"] <= 1.0
+    initial = GlimpsePruneModel.from_pretrained(tiny_model_dir, cfg.glimpse, seed=0)
+    before = dict(initial.named_parameters())
+    base = [k for k in state if k.startswith("base.")]
+    modules = [k for k in state if k.startswith("glimpse_modules.")]
+    assert base and modules and set(state) == set(before)
+    assert all(torch.equal(state[k], before[k]) for k in base)  # bit-identical base
+    moved = [k for k in modules if not torch.equal(state[k], before[k])]
+    assert len(moved) > len(modules) // 2

@@ -1,0 +1,117 @@
+"""The one training loop of the project: every stage (sft, glimpse, grpo's policy updates) runs
+its optimiser steps through `train` with a `Stage` that says what differs.
+
+Owns, in this order per step: seeded data order with a saved position (exact resume, no row
+twice in an epoch), the batch, `policy_group.train_step` on every ZeRO-3 rank, MLflow metrics,
+periodic held-out evaluation, atomic checkpoints with rotation, then the final export and its
+registration as an MLflow model version. Must not hold a stage's maths (actors/policy.py) nor
+its batch contents (the Stage).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.batch import RolloutBatch
+from pipeline.config import Config
+
+
+class Stage(Protocol):
+    """What a training stage tells the loop."""
+
+    name: str  # sft | glimpse; names the MLflow run, checkpoint and export folders
+    total_steps: int
+    prompts_per_step: int
+    eval_every: int
+
+    def actor_kwargs(self, cfg: Config, base: Path) -> dict:
+        """Keyword arguments of PolicyActor beyond (dist, policy, model, path, seed, steps)."""
+
+    def make_batch(self, rows: list[dict]) -> RolloutBatch: ...
+
+    def step_args(self, step: int) -> tuple:
+        """Arguments of `PolicyActor.train_step` after the batch, e.g. ("sft", 0.0)."""
+
+    def step_record(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """MLflow metrics of a step from rank 0's train_step result."""
+
+    def evaluate(self, group, validation) -> dict[str, float]: ...
+
+    def export(self, group, folder: Path) -> dict[str, Any]:
+        """Writes the stage's result to `folder`; returns tags for its model version."""
+
+
+def train(cfg: Config, stage: Stage) -> dict:
+    """Runs `stage` from the base model (or its latest checkpoint) to the end; returns a summary."""
+    from transformers import AutoTokenizer  # noqa: F401  (import cost paid before Ray starts)
+
+    from actors.group import ActorGroup
+    from actors.policy import PolicyActor
+    from glimpseprune.tiny import resolve_base_model
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.cluster import init_ray
+    from pipeline.data import epoch_order, load_split
+    from pipeline.tracking import Tracker
+
+    out = Path(cfg.output_dir)
+    base = resolve_base_model(cfg.model, out)
+    train_set, train_report = load_split(cfg.data, "train", out)
+    validation, _ = load_split(cfg.data, "validation", out)
+    init_ray(cfg.cluster)
+    tracker = Tracker(cfg, stage.name)
+    group = ActorGroup(PolicyActor, cfg.policy.num_ranks, strategy=cfg.cluster.placement_strategy,
+                       args=(cfg.policy, cfg.model, str(base), cfg.trainer.seed,
+                             stage.total_steps),
+                       kwargs=stage.actor_kwargs(cfg, base))
+    checkpoints = Checkpointer(out / "checkpoints" / stage.name, cfg.checkpoint.keep_last)
+    start_step, position = 0, 0
+    resume_from = checkpoints.resolve(cfg.checkpoint.resume, tracker.client)
+    if resume_from is not None:
+        state = group.run("load_checkpoint", str(resume_from))[0]
+        start_step, position = state["step"], state["data_position"]
+        print(f"{stage.name}: resumed from {resume_from} at step {start_step}")
+    tracker.log({"data/skipped": train_report.skipped}, start_step)
+
+    evaluation: dict[str, float] = {}
+    consumed_log = out / stage.name / "consumed.jsonl"
+    consumed_log.parent.mkdir(parents=True, exist_ok=True)
+    for step in range(start_step + 1, stage.total_steps + 1):
+        t_step = time.perf_counter()
+        indices = epoch_order(len(train_set), cfg.trainer.seed, position, stage.prompts_per_step)
+        position += len(indices)
+        rows = [train_set[i] for i in indices]
+        batch = stage.make_batch(rows)
+        with consumed_log.open("a") as handle:  # which rows each step used: resume audits
+            handle.write(json.dumps({"step": step, "ids": [r["id"] for r in rows]}) + "\n")
+        t_train = time.perf_counter()
+        metrics = group.run_split("train_step", batch, *stage.step_args(step))[0]
+        record = {"policy/grad_norm": metrics["grad_norm"], "policy/lr": metrics["lr"],
+                  "timing_s/train": time.perf_counter() - t_train,
+                  **stage.step_record(step, metrics)}
+        if step % stage.eval_every == 0 or step == stage.total_steps:
+            evaluation = stage.evaluate(group, validation)
+            record.update(evaluation)
+        if step % cfg.checkpoint.every_steps == 0 or step == stage.total_steps:
+            folder = checkpoints.save(group, step, {"data_position": position})
+            tracker.client.set_tag(tracker.run_id, "checkpoint_dir", str(folder.resolve()))
+        record["timing_s/step"] = time.perf_counter() - t_step
+        tracker.log(record, step)
+        shown = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in record.items()
+                         if k in ("policy/loss", "eval/accuracy", "eval/keep_ratio"))
+        print(f"{stage.name} step {step}/{stage.total_steps} {shown} "
+              f"{record['timing_s/step']:.2f}s", flush=True)
+
+    export = out / stage.name / "final"
+    tags = stage.export(group, export)
+    summary = {"stage": stage.name, "steps": stage.total_steps, "export": str(export),
+               "mlflow_run_id": tracker.run_id, **evaluation}
+    summary["model_version"] = tracker.log_checkpoint(
+        export, "checkpoint", f"{cfg.tracking.experiment}-{stage.name}",
+        {"step": stage.total_steps, **tags})
+    (out / stage.name / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    tracker.finish()
+    group.shutdown()
+    return summary
