@@ -73,12 +73,13 @@ class GlimpseStage:
         return {}
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     """Trains, evaluates, checkpoints and exports the glimpse modules; returns the summary."""
     from glimpseprune.tiny import resolve_base_model
     from pipeline.trainer import train
 
-    return train(cfg, GlimpseStage(cfg, resolve_base_model(cfg.model, cfg.output_dir)))
+    return train(cfg, GlimpseStage(cfg, resolve_base_model(cfg.model, cfg.output_dir)),
+                 parent_run_id)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,7 +82,7 @@ class SftStage:
         return {}
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     """Trains, evaluates, checkpoints and exports the warm start; returns the summary."""
     from transformers import AutoTokenizer
 
@@ -90,8 +90,7 @@ def run(cfg: Config) -> dict:
     from pipeline.trainer import train
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(cfg.model, cfg.output_dir))
-    summary = train(cfg, SftStage(cfg, tokenizer))
-    return summary
+    return train(cfg, SftStage(cfg, tokenizer), parent_run_id)
 
 
 def main(argv: list[str] | None = None) -> None:

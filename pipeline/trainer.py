@@ -44,8 +44,14 @@ class Stage(Protocol):
         """Writes the stage's result to `folder`; returns tags for its model version."""
 
 
-def train(cfg: Config, stage: Stage) -> dict:
-    """Runs `stage` from the base model (or its latest checkpoint) to the end; returns a summary."""
+def train(cfg: Config, stage: Stage, parent_run_id: str | None = None) -> dict:
+    """Runs `stage` from the base model (or a checkpoint) to the end; returns a summary.
+
+    Args:
+        cfg: the resolved config.
+        stage: what this stage trains and how (see `Stage`).
+        parent_run_id: nest the stage's MLflow run under this run (the demo's).
+    """
     from transformers import AutoTokenizer  # noqa: F401  (import cost paid before Ray starts)
 
     from actors.group import ActorGroup
@@ -61,7 +67,7 @@ def train(cfg: Config, stage: Stage) -> dict:
     train_set, train_report = load_split(cfg.data, "train", out)
     validation, _ = load_split(cfg.data, "validation", out)
     init_ray(cfg.cluster)
-    tracker = Tracker(cfg, stage.name)
+    tracker = Tracker(cfg, stage.name, parent_run_id)
     group = ActorGroup(PolicyActor, cfg.policy.num_ranks, strategy=cfg.cluster.placement_strategy,
                        args=(cfg.policy, cfg.model, str(base), cfg.trainer.seed,
                              stage.total_steps),
