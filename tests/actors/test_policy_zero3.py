@@ -99,3 +99,48 @@ def test_stage1_trains_only_glimpse_modules_and_base_stays_bit_identical(ray_loc
     assert all(torch.equal(state[k], before[k]) for k in base)  # bit-identical base
     moved = [k for k in modules if not torch.equal(state[k], before[k])]
     assert len(moved) > len(modules) // 2
+
+
+def test_lora_trains_adapters_and_exports_merged_hf_weights(ray_local, tiny_model_dir, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from actors.group import ActorGroup
+    from actors.policy import PolicyActor
+
+    cfg = load_config("configs/tiny.yaml", ["policy.micro_batch_size=3", "policy.lr=1e-2",
+                                            "policy.lora.enabled=true", "policy.lora.r=4"])
+    group = ActorGroup(PolicyActor, 1, args=(cfg.policy, cfg.model, str(tiny_model_dir), 0, 10))
+    try:
+        batch = _batch(tiny_model_dir)
+        losses = [group.run_split("train_step", batch)[0]["loss"] for _ in range(3)]
+        group.run("export_hf", str(tmp_path / "merged"))
+        after = [lp for shard in group.run_split("compute_logprobs", batch) for lp in shard]
+    finally:
+        group.shutdown()
+    assert losses[-1] < losses[0]
+    base = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
+                .named_parameters())
+    merged_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    merged = dict(merged_model.named_parameters())
+    assert merged.keys() == base.keys()  # plain HF names: no lora_ or base_layer keys
+    q_proj = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q_proj], base[q_proj])  # the adapter was merged in
+    embed = "model.language_model.embed_tokens.weight"
+    assert torch.equal(merged[embed], base[embed])  # LoRA leaves untargeted weights alone
+    # The merged export computes what the trainer computed.
+    from transformers import AutoProcessor
+
+    from pipeline.prompts import prompt_text
+
+    with torch.no_grad():
+        processor = AutoProcessor.from_pretrained(tiny_model_dir)
+        row = batch.prompts
+        enc = processor(text=[prompt_text(processor, row.questions[0])], images=[row.images[0]],
+                        return_tensors="pt")
+        ids = torch.cat([enc["input_ids"], torch.tensor([batch.response_ids[0]])], 1)
+        logits = merged_model(input_ids=ids, pixel_values=enc["pixel_values"],
+                              image_grid_thw=enc["image_grid_thw"]).logits[0]
+        n = len(batch.response_ids[0])
+        logp = torch.log_softmax(logits[-n - 1:-1], -1).gather(
+            -1, torch.tensor(batch.response_ids[0])[:, None])[:, 0]
+    assert torch.allclose(logp, torch.tensor(after[0]), atol=1e-4)
