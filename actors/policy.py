@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from actors.group import DistInfo
 from pipeline.batch import RolloutBatch
+from pipeline.checkpoint import atomic_folder
 from pipeline.config import ModelConfig, PolicyConfig
 from pipeline.prompts import prompt_text
 
@@ -191,17 +191,29 @@ class PolicyActor:
             out.append(logp.gather(-1, targets[:, None])[:, 0])
         return out
 
-    def _micro_batches(self, batch: RolloutBatch) -> list[range]:
+    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[range, float]]:
+        """(rows, weight) per micro-batch, the same COUNT on every rank (collective).
+
+        Every ZeRO-3 forward all-gathers parameters, so a rank that ran one micro-batch more
+        than the others would wait forever. Ranks with fewer rows repeat their last micro-batch
+        with weight 0: it joins the collectives and adds nothing to loss or gradient.
+        """
+        if len(batch) == 0:
+            raise ValueError("a rank received no rows: give each step at least as many rows "
+                             "as policy.num_ranks")
         size = self.cfg.micro_batch_size
-        return [range(s, min(s + size, len(batch))) for s in range(0, len(batch), size)]
+        micro = [(range(s, min(s + size, len(batch))), 1.0) for s in range(0, len(batch), size)]
+        most = torch.tensor([len(micro)])
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return micro + [(micro[-1][0], 0.0)] * (int(most) - len(micro))
 
     # ------------------------------------------------------------- public API
     def compute_logprobs(self, batch: RolloutBatch) -> list[list[float]]:
         """Log-probs of every response token of this rank's shard (no gradient)."""
         self.engine.eval()
         with torch.no_grad():
-            return [lp.tolist() for mb in self._micro_batches(batch)
-                    for lp in self._response_logprobs(batch, mb)]
+            return [lp.tolist() for mb, weight in self._micro_batches(batch)
+                    for lp in self._response_logprobs(batch, mb) if weight]
 
     def evaluate(self, batch: RolloutBatch) -> list[bool]:
         """Per row: would greedy decoding reproduce the response exactly?
@@ -212,10 +224,10 @@ class PolicyActor:
         self.engine.eval()
         hits = []
         with torch.no_grad():
-            for mb in self._micro_batches(batch):
+            for mb, weight in self._micro_batches(batch):
                 inputs, spans = self._model_inputs(batch, mb)
                 logits = self.engine(**inputs, use_cache=False).logits
-                for j, span in enumerate(spans):
+                for j, span in enumerate(spans if weight else []):
                     pred = logits[j, span.start - 1:span.stop - 1].argmax(-1)
                     hits.append(bool((pred == inputs["input_ids"][j, span.start:span.stop])
                                      .all()))
@@ -240,13 +252,6 @@ class PolicyActor:
                     for k in ("kind", "color", "digit")}
         return torch.stack(losses).sum(), mean_acc
 
-    def _vision_only(self, batch: RolloutBatch, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [batch.prompts.images[batch.prompt_index_B[i]] for i in rows]
-        enc = self.processor.image_processor(images=images, return_tensors="pt")
-        grids = enc["image_grid_thw"].to(self.device)
-        feats = self._visual()(enc["pixel_values"].to(self.device), grid_thw=grids).pooler_output
-        return grids, feats
-
     def train_step(self, batch: RolloutBatch, loss: str = "sft",
                    dense_weight: float = 0.0) -> dict[str, float]:
         """One optimiser step over this rank's shard, accumulated over micro-batches.
@@ -254,7 +259,8 @@ class PolicyActor:
         Args:
             batch: this rank's rows.
             loss: "sft" (negative log-likelihood of the response tokens, global token mean)
-                or "dense" (the vision tower's per-cell loss alone, no language model pass).
+                or "dense" (the vision tower's per-cell loss alone; the whole model still runs
+                forward through the engine, which ZeRO-3's gradient accumulation relies on).
             dense_weight: weight of the per-cell loss added to "sft" (0: none).
 
         Returns:
@@ -273,24 +279,21 @@ class PolicyActor:
         totals = torch.zeros(2)  # answer NLL sum, dense loss sum
         dense_acc: dict[str, float] = {}
         micro = self._micro_batches(batch)
-        for k, rows in enumerate(micro):
+        for k, (rows, weight) in enumerate(micro):
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-            objective = torch.zeros(())
-            if loss == "sft":
-                token_sum = -torch.cat(self._response_logprobs(batch, rows)).sum()
-                objective = token_sum / global_tokens
-                totals[0] += token_sum.detach().cpu()
+            token_sum = -torch.cat(self._response_logprobs(batch, rows)).sum()
+            objective = token_sum / global_tokens if loss == "sft" else token_sum * 0.0
+            totals[0] += weight * token_sum.detach().cpu()
             if loss == "dense" or dense_weight > 0:
-                if loss == "dense":
-                    grids, feats = self._vision_only(batch, rows)
-                else:  # the vision output of the forward just run
-                    grids, feats = self._last_grids, self._visual_out
-                dense_sum, dense_acc = self._dense_loss(batch, rows, grids, feats)
-                weight = 1.0 if loss == "dense" else dense_weight
-                objective = objective + weight * dense_sum / global_rows
-                totals[1] += dense_sum.detach().cpu()
+                # The vision tower's merged output of the forward just run (forward hook).
+                dense_sum, accs = self._dense_loss(batch, rows, self._last_grids,
+                                                   self._visual_out)
+                scale = 1.0 if loss == "dense" else dense_weight
+                objective = objective + scale * dense_sum / global_rows
+                totals[1] += weight * dense_sum.detach().cpu()
+                dense_acc = accs if weight else dense_acc
             # DeepSpeed averages gradients over ranks: scale back up to the global mean.
-            self.engine.backward(objective * self.dist.world_size, scale_wrt_gas=False)
+            self.engine.backward(weight * objective * self.dist.world_size, scale_wrt_gas=False)
         lr = self.scheduler.get_last_lr()[0]
         self.engine.step()
         torch.distributed.all_reduce(totals)
@@ -334,15 +337,17 @@ class PolicyActor:
         target_total = torch.zeros(1)
         micro = self._micro_batches(batch)
         module = self.engine.module
-        for k, rows in enumerate(micro):
+        for k, (rows, weight) in enumerate(micro):
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             inputs = self._prompt_inputs(batch, rows)
             vip_logits = self.engine(**inputs)
             targets = self._box_targets(batch, rows, inputs["image_grid_thw"])
             losses = torch.stack([box_loss(v, t) for v, t in zip(vip_logits, targets,
                                                                   strict=True)])
-            self.engine.backward(losses.sum() / rows_total.item() * self.dist.world_size,
+            self.engine.backward(weight * losses.sum() / rows_total.item() * self.dist.world_size,
                                  scale_wrt_gas=False)
+            if not weight:
+                continue  # a padding micro-batch (see _micro_batches): counts nothing
             keep = keep_masks_for_batch([v.detach() for v in vip_logits], module.threshold,
                                         module.min_keep, module.max_keep_ratio)
             for m, t, l_ in zip(keep, targets, losses, strict=True):
@@ -377,11 +382,14 @@ class PolicyActor:
 
     def load_checkpoint(self, folder: str) -> dict:
         """Restores weights, optimiser and scheduler; returns the saved client_state."""
-        _, client_state = self.engine.load_checkpoint(folder, tag="state")
+        path, client_state = self.engine.load_checkpoint(folder, tag="state")
+        if path is None or client_state is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}/state")
         return client_state
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full weights (HF names; LoRA merged) on rank 0, None elsewhere. Collective."""
+        """Full weights on rank 0 (None elsewhere) under the module's own parameter names (with
+        LoRA: the peft names, adapters separate, not merged). Collective."""
         import deepspeed
 
         module = self.engine.module
@@ -412,12 +420,12 @@ class PolicyActor:
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if self.dist.rank == 0:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-                if self.cfg.lora.enabled:
-                    self._save_merged_lora(module, folder)
-                else:
-                    state = {k: v for k, v in module.state_dict().items()
-                             if not k.startswith("dense_heads.")}
-                    module.save_pretrained(folder, state_dict=state, safe_serialization=True)
-                self.processor.save_pretrained(folder)
+                with atomic_folder(folder) as tmp:
+                    if self.cfg.lora.enabled:
+                        self._save_merged_lora(module, str(tmp))
+                    else:
+                        state = {k: v for k, v in module.state_dict().items()
+                                 if not k.startswith("dense_heads.")}
+                        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                    self.processor.save_pretrained(tmp)
         torch.distributed.barrier()

@@ -83,6 +83,9 @@ class RolloutBatch:
 
     def split(self, parts: int) -> list[RolloutBatch]:
         """Contiguous row shards; each carries only the prompts its rows use (re-indexed)."""
+        if len(self) < parts:
+            raise ValueError(f"{len(self)} rows cannot feed {parts} ranks: every rank needs "
+                             "at least one row")
         shards = []
         for rows in _chunks(len(self), parts):
             used = sorted({self.prompt_index_B[i] for i in rows})

@@ -10,7 +10,26 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Yields a temporary sibling folder to write into; on success it replaces `folder` whole
+    (a crash leaves the previous `folder` untouched, never a half-written one)."""
+    final = Path(folder)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    yield tmp
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class Checkpointer:
@@ -28,12 +47,18 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         group.run("save_checkpoint", str(tmp), {**client_state, "step": step})
         final = self.root / f"step{step:06d}"
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # a run resumed from before this step saves it again
+            os.rename(final, self.root / f".old-step{step:06d}")
         os.rename(tmp, final)
+        shutil.rmtree(self.root / f".old-step{step:06d}", ignore_errors=True)
         pointer = self.root / ".latest.tmp"
         pointer.write_text(final.name + "\n")
         os.replace(pointer, self.root / "latest")
-        for old in sorted(self.root.glob("step*"))[:-self.keep_last]:
+        # Rotation by save time, never the folder just written: after resuming from an older
+        # step, checkpoints of the abandoned later steps are the oldest writes' peers.
+        others = sorted((p for p in self.root.glob("step*") if p != final),
+                        key=lambda p: p.stat().st_mtime)
+        for old in others[:max(0, len(others) - (self.keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 

@@ -346,6 +346,23 @@ def _validate(cfg: Config) -> None:
     for name in ("n", "max_new_tokens", "num_engines", "tensor_parallel_size"):
         if getattr(cfg.rollout, name) < 1:
             raise ConfigError(f"config key 'rollout.{name}' must be at least 1")
+    positive = ["trainer.eval_every", "trainer.eval_samples", "trainer.prompts_per_step",
+                "trainer.total_steps", "checkpoint.every_steps", "checkpoint.keep_last",
+                "policy.num_ranks", "policy.micro_batch_size", "policy.grad_accum_steps",
+                "sft.total_steps", "sft.eval_every", "sft.prompts_per_step",
+                "glimpse.train_steps", "glimpse.train_eval_every",
+                "glimpse.train_prompts_per_step"]
+    for dotted in positive:
+        if _get(cfg, dotted) < 1:
+            raise ConfigError(f"config key '{dotted}' must be at least 1")
+    for dotted in ("trainer.prompts_per_step", "trainer.eval_samples", "sft.prompts_per_step",
+                   "glimpse.train_prompts_per_step"):
+        if _get(cfg, dotted) < cfg.policy.num_ranks:
+            raise ConfigError(f"config key '{dotted}' ({_get(cfg, dotted)}) is below "
+                              f"policy.num_ranks ({cfg.policy.num_ranks}): every rank needs rows")
+    if cfg.policy.lora.enabled and not cfg.policy.freeze_vision:
+        raise ConfigError("config key 'policy.lora.enabled' adapts the language model only; "
+                          "with it, policy.freeze_vision must stay true")
     dense = cfg.sft.vision_pretrain_steps > 0 or cfg.sft.dense_loss_weight > 0
     if dense and cfg.policy.freeze_vision:
         raise ConfigError("config keys 'sft.vision_pretrain_steps' / 'sft.dense_loss_weight' "

@@ -95,8 +95,9 @@ class Tracker:
 
         try:
             self.client.create_registered_model(model_name)
-        except MlflowException:
-            pass  # already registered: add a version
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise  # a real failure (server down, permissions), not "already registered"
         source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
         version = self.client.create_model_version(
             model_name, source=source, run_id=self.run_id,

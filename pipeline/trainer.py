@@ -57,9 +57,8 @@ def train(cfg: Config, stage: Stage, parent_run_id: str | None = None) -> dict:
     from actors.group import ActorGroup
     from actors.policy import PolicyActor
     from glimpseprune.tiny import resolve_base_model
-    from pipeline.checkpoint import Checkpointer
     from pipeline.cluster import init_ray
-    from pipeline.data import epoch_order, load_split
+    from pipeline.data import load_split
     from pipeline.tracking import Tracker
 
     out = Path(cfg.output_dir)
@@ -68,10 +67,38 @@ def train(cfg: Config, stage: Stage, parent_run_id: str | None = None) -> dict:
     validation, _ = load_split(cfg.data, "validation", out)
     init_ray(cfg.cluster)
     tracker = Tracker(cfg, stage.name, parent_run_id)
+    tracker.log({"data/skipped": train_report.skipped}, 0)
     group = ActorGroup(PolicyActor, cfg.policy.num_ranks, strategy=cfg.cluster.placement_strategy,
                        args=(cfg.policy, cfg.model, str(base), cfg.trainer.seed,
                              stage.total_steps),
                        kwargs=stage.actor_kwargs(cfg, base))
+    try:
+        evaluation = _steps(cfg, stage, group, tracker, train_set, validation)
+        export = out / stage.name / "final"
+        tags = stage.export(group, export)
+        summary = {"stage": stage.name, "steps": stage.total_steps, "export": str(export),
+                   "mlflow_run_id": tracker.run_id, **evaluation}
+        tags.update(step=stage.total_steps, accuracy=evaluation.get("eval/accuracy", ""),
+                    keep_ratio=evaluation.get("eval/keep_ratio", ""))
+        summary["model_version"] = tracker.log_checkpoint(
+            export, "checkpoint", f"{cfg.tracking.experiment}-{stage.name}", tags)
+        (out / stage.name / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except BaseException:
+        tracker.finish("FAILED")
+        group.shutdown()
+        raise
+    tracker.finish()
+    group.shutdown()
+    return summary
+
+
+def _steps(cfg: Config, stage: Stage, group, tracker, train_set, validation) -> dict:
+    """The step loop (resume, batches, train, log, evaluate, checkpoint); returns the last
+    evaluation."""
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.data import epoch_order
+
+    out = Path(cfg.output_dir)
     checkpoints = Checkpointer(out / "checkpoints" / stage.name, cfg.checkpoint.keep_last)
     start_step, position = 0, 0
     resume_from = checkpoints.resolve(cfg.checkpoint.resume, tracker.client)
@@ -79,7 +106,6 @@ def train(cfg: Config, stage: Stage, parent_run_id: str | None = None) -> dict:
         state = group.run("load_checkpoint", str(resume_from))[0]
         start_step, position = state["step"], state["data_position"]
         print(f"{stage.name}: resumed from {resume_from} at step {start_step}")
-    tracker.log({"data/skipped": train_report.skipped}, start_step)
 
     evaluation: dict[str, float] = {}
     consumed_log = out / stage.name / "consumed.jsonl"
@@ -109,15 +135,5 @@ def train(cfg: Config, stage: Stage, parent_run_id: str | None = None) -> dict:
                          if k in ("policy/loss", "eval/accuracy", "eval/keep_ratio"))
         print(f"{stage.name} step {step}/{stage.total_steps} {shown} "
               f"{record['timing_s/step']:.2f}s", flush=True)
+    return evaluation
 
-    export = out / stage.name / "final"
-    tags = stage.export(group, export)
-    summary = {"stage": stage.name, "steps": stage.total_steps, "export": str(export),
-               "mlflow_run_id": tracker.run_id, **evaluation}
-    summary["model_version"] = tracker.log_checkpoint(
-        export, "checkpoint", f"{cfg.tracking.experiment}-{stage.name}",
-        {"step": stage.total_steps, **tags})
-    (out / stage.name / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    tracker.finish()
-    group.shutdown()
-    return summary
