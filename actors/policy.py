@@ -89,6 +89,7 @@ class PolicyActor:
         if lr is not None:
             policy_cfg = replace(policy_cfg, lr=lr)
         self.dist, self.cfg, self.glimpse = dist, policy_cfg, glimpse_cfg is not None
+        self.glimpse_cfg = glimpse_cfg
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         bf16 = self.device.type == "cuda" and model_cfg.dtype == "bfloat16"
         self.processor = AutoProcessor.from_pretrained(
@@ -267,11 +268,11 @@ class PolicyActor:
             loss (the answer NLL for "sft", the dense loss for "dense"), grad_norm, lr,
             tokens, and the dense heads' accuracies when they ran.
         """
-        if loss == "glimpse_box":
-            return self._glimpse_box_step(batch)
+        if loss in ("glimpse_box", "glimpse_distill"):
+            return self._glimpse_step(batch, loss)
         if loss not in ("sft", "dense"):
             raise ValueError(f"unknown loss {loss!r}; this engine knows: sft, dense, "
-                             "glimpse_box")
+                             "glimpse_box, glimpse_distill")
         self.engine.train()
         counts = torch.tensor([float(sum(len(r) for r in batch.response_ids)), float(len(batch))])
         torch.distributed.all_reduce(counts)  # global response tokens, global rows
@@ -320,30 +321,42 @@ class PolicyActor:
         for i, grid in zip(rows, grids, strict=True):
             p = batch.prompt_index_B[i]
             image = batch.prompts.images[p]
+            if not batch.prompts.boxes[p]:
+                targets.append(None)
+                continue
             mask = boxes_to_token_mask(batch.prompts.boxes[p], (image.height, image.width),
                                        (int(grid[1]) // 2, int(grid[2]) // 2))
             targets.append(torch.as_tensor(mask.ravel(), device=self.device))
         return targets
 
-    def _glimpse_box_step(self, batch: RolloutBatch) -> dict[str, float]:
-        """Stage 1: Dice + 0.1 BCE of the VIP logits against the target-box token masks."""
+    def _glimpse_step(self, batch: RolloutBatch, loss: str) -> dict[str, float]:
+        """Stage 1: "glimpse_box" (Dice + 0.1 BCE against the target-box token masks) or
+        "glimpse_distill" (glimpseprune.distill: soft-pruned vs unpruned answers + sparsity,
+        on the rows' response tokens). Keep ratio and box recall use the keep rule."""
+        from glimpseprune.distill import distill_losses
         from glimpseprune.keep import keep_masks_for_batch
         from glimpseprune.losses import box_loss
 
         self.engine.train()
         rows_total = torch.tensor([float(len(batch))])
         torch.distributed.all_reduce(rows_total)
-        sums = torch.zeros(4)  # loss, kept tokens, visual tokens, target tokens kept
-        target_total = torch.zeros(1)
+        sums = torch.zeros(5)  # loss, kept tokens, visual tokens, target tokens (kept, all)
         micro = self._micro_batches(batch)
         module = self.engine.module
         for k, (rows, weight) in enumerate(micro):
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             inputs = self._prompt_inputs(batch, rows)
-            vip_logits = self.engine(**inputs)
+            vip_logits = self.engine(**inputs)  # through the engine: ZeRO-3 counts micro-steps
             targets = self._box_targets(batch, rows, inputs["image_grid_thw"])
-            losses = torch.stack([box_loss(v, t) for v, t in zip(vip_logits, targets,
-                                                                  strict=True)])
+            if loss == "glimpse_box":
+                if any(t is None for t in targets):
+                    raise ValueError("glimpse_box got a row without boxes")
+                losses = torch.stack([box_loss(v, t) for v, t in zip(vip_logits, targets,
+                                                                      strict=True)])
+            else:
+                losses, _ = distill_losses(module, inputs,
+                                           [batch.response_ids[i] for i in rows],
+                                           self.glimpse_cfg.train_sparsity, vip_logits)
             self.engine.backward(weight * losses.sum() / rows_total.item() * self.dist.world_size,
                                  scale_wrt_gas=False)
             if not weight:
@@ -351,17 +364,16 @@ class PolicyActor:
             keep = keep_masks_for_batch([v.detach() for v in vip_logits], module.threshold,
                                         module.min_keep, module.max_keep_ratio)
             for m, t, l_ in zip(keep, targets, losses, strict=True):
-                sums += torch.tensor([float(l_), float(m.sum()), float(m.numel()),
-                                      float((m & t.bool()).sum())])
-                target_total += float(t.sum())
+                hit, total = (0.0, 0.0) if t is None else (float((m & t.bool()).sum()),
+                                                            float(t.sum()))
+                sums += torch.tensor([float(l_), float(m.sum()), float(m.numel()), hit, total])
         lr = self.scheduler.get_last_lr()[0]
         self.engine.step()
         torch.distributed.all_reduce(sums)
-        torch.distributed.all_reduce(target_total)
         grad_norm = self.engine.get_global_grad_norm()
         return {"loss": float(sums[0] / rows_total), "lr": float(lr),
                 "keep_ratio": float(sums[1] / sums[2]),
-                "box_recall": float(sums[3] / target_total.clamp(min=1)),
+                "box_recall": float(sums[3] / sums[4]) if sums[4] else float("nan"),
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     def export_glimpse(self, folder: str) -> None:

@@ -71,7 +71,10 @@ class GlimpseConfig:
     vit_layers: list[int] = field(default_factory=list)  # empty: the full-attention ViT blocks
     modules_path: str = ""  # saved glimpse modules (safetensors + JSON); empty: untrained
     # Stage 1 (pipeline.glimpse): only glimpse token + VIP train, the base stays frozen.
-    train_loss: str = "box"  # box: Dice + 0.1 BCE against the target boxes' token mask
+    # box: Dice + 0.1 BCE against the target boxes' token mask; distill (no boxes needed):
+    # KL(unpruned answer || soft-pruned answer) + train_sparsity x mean keep probability
+    train_loss: str = "box"
+    train_sparsity: float = 0.05
     train_steps: int = 300
     train_lr: float = 1e-4
     train_prompts_per_step: int = 16
@@ -276,7 +279,7 @@ class Config:
 # Values whose set of choices is closed; checked after loading so a typo fails before any work.
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "glimpse.train_loss": ("box",),
+    "glimpse.train_loss": ("box", "distill"),
     "data.source": ("synthetic", "disk", "hub", "jsonl"),
     "rollout.mask_mode": ("shared", "sampled"),
     "policy.lr_schedule": ("cosine", "constant"),

@@ -1,10 +1,11 @@
 """`python -m pipeline.glimpse`: stage 1, GlimpsePrune: train the glimpse token + VIP with the
 base model frozen.
 
-Owns what stage 1 adds to the one training loop (pipeline/trainer.py): prompt-only batches with
-their target boxes, the box loss, held-out accuracy with and without pruning, keep ratio and
-target-box recall (from the modules exported at each evaluation), and the export of the trained
-modules beside the base. Must not hold model maths (glimpseprune/).
+Owns what stage 1 adds to the one training loop (pipeline/trainer.py): batches of prompts with
+their target boxes (box loss) or reference answers (distillation loss), held-out accuracy with
+and without pruning, keep ratio and target-box recall (from the modules exported at each
+evaluation), and the export of the trained modules beside the base. Must not hold model
+maths (glimpseprune/).
 
     python -m pipeline.glimpse --config configs/tiny.yaml [dotted.key=value ...]
 """
@@ -20,13 +21,17 @@ from pipeline.config import Config, parse_args
 
 
 class GlimpseStage:
-    """Box-supervised stage 1; rows without boxes are left out of its batches and counted."""
+    """Stage 1 with the box loss (rows without boxes are left out of its batches and counted)
+    or the distillation loss (on the reference answers; boxes only feed the recall figure)."""
 
     name = "glimpse"
 
     def __init__(self, cfg: Config, base: Path):
+        from transformers import AutoTokenizer
+
         g = cfg.glimpse
         self.cfg, self.base = cfg, base
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
         self.total_steps, self.prompts_per_step = g.train_steps, g.train_prompts_per_step
         self.eval_every = g.train_eval_every
         self.rows_without_boxes = 0
@@ -35,6 +40,10 @@ class GlimpseStage:
         return {"lr": cfg.glimpse.train_lr, "glimpse_cfg": cfg.glimpse}
 
     def make_batch(self, rows: list[dict]) -> RolloutBatch:
+        if self.cfg.glimpse.train_loss == "distill":
+            from pipeline.sft import answer_batch
+
+            return answer_batch(rows, self.tokenizer)
         boxed = [r for r in rows if r.get("boxes")]
         self.rows_without_boxes += len(rows) - len(boxed)
         if not boxed:
@@ -45,7 +54,7 @@ class GlimpseStage:
                             response_ids=[[] for _ in boxed])
 
     def step_args(self, step: int) -> tuple:
-        return ("glimpse_box",)
+        return (f"glimpse_{self.cfg.glimpse.train_loss}",)
 
     def step_record(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         return {"policy/loss": metrics["loss"], "policy/keep_ratio": metrics["keep_ratio"],
