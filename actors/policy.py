@@ -268,7 +268,7 @@ class PolicyActor:
             loss (the answer NLL for "sft", the dense loss for "dense"), grad_norm, lr,
             tokens, and the dense heads' accuracies when they ran.
         """
-        if loss in ("glimpse_box", "glimpse_distill"):
+        if loss in ("glimpse_box", "glimpse_distill", "glimpse_box+distill"):
             return self._glimpse_step(batch, loss)
         if loss not in ("sft", "dense"):
             raise ValueError(f"unknown loss {loss!r}; this engine knows: sft, dense, "
@@ -330,9 +330,10 @@ class PolicyActor:
         return targets
 
     def _glimpse_step(self, batch: RolloutBatch, loss: str) -> dict[str, float]:
-        """Stage 1: "glimpse_box" (Dice + 0.1 BCE against the target-box token masks) or
+        """Stage 1: "glimpse_box" (Dice + 0.1 BCE against the target-box token masks),
         "glimpse_distill" (glimpseprune.distill: soft-pruned vs unpruned answers + sparsity,
-        on the rows' response tokens). Keep ratio and box recall use the keep rule."""
+        on the rows' response tokens) or their sum "glimpse_box+distill". Keep ratio and box
+        recall use the keep rule."""
         from glimpseprune.distill import distill_losses
         from glimpseprune.keep import keep_masks_for_batch
         from glimpseprune.losses import box_loss
@@ -348,15 +349,16 @@ class PolicyActor:
             inputs = self._prompt_inputs(batch, rows)
             vip_logits = self.engine(**inputs)  # through the engine: ZeRO-3 counts micro-steps
             targets = self._box_targets(batch, rows, inputs["image_grid_thw"])
-            if loss == "glimpse_box":
+            losses = torch.zeros(len(rows))
+            if "box" in loss:
                 if any(t is None for t in targets):
-                    raise ValueError("glimpse_box got a row without boxes")
-                losses = torch.stack([box_loss(v, t) for v, t in zip(vip_logits, targets,
-                                                                      strict=True)])
-            else:
-                losses, _ = distill_losses(module, inputs,
-                                           [batch.response_ids[i] for i in rows],
-                                           self.glimpse_cfg.train_sparsity, vip_logits)
+                    raise ValueError(f"{loss} got a row without boxes")
+                losses = losses + torch.stack([box_loss(v, t) for v, t in
+                                               zip(vip_logits, targets, strict=True)])
+            if "distill" in loss:
+                losses = losses + distill_losses(module, inputs,
+                                                 [batch.response_ids[i] for i in rows],
+                                                 self.glimpse_cfg.train_sparsity, vip_logits)[0]
             self.engine.backward(weight * losses.sum() / rows_total.item() * self.dist.world_size,
                                  scale_wrt_gas=False)
             if not weight:

@@ -72,7 +72,8 @@ class GlimpseConfig:
     modules_path: str = ""  # saved glimpse modules (safetensors + JSON); empty: untrained
     # Stage 1 (pipeline.glimpse): only glimpse token + VIP train, the base stays frozen.
     # box: Dice + 0.1 BCE against the target boxes' token mask; distill (no boxes needed):
-    # KL(unpruned answer || soft-pruned answer) + train_sparsity x mean keep probability
+    # KL(unpruned answer || soft-pruned answer) + train_sparsity x mean keep probability;
+    # box+distill: their sum (the answer term the reference adds beside the box loss)
     train_loss: str = "box"
     train_sparsity: float = 0.05
     train_steps: int = 300
@@ -279,7 +280,7 @@ class Config:
 # Values whose set of choices is closed; checked after loading so a typo fails before any work.
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "glimpse.train_loss": ("box", "distill"),
+    "glimpse.train_loss": ("box", "distill", "box+distill"),
     "data.source": ("synthetic", "disk", "hub", "jsonl"),
     "rollout.mask_mode": ("shared", "sampled"),
     "policy.lr_schedule": ("cosine", "constant"),

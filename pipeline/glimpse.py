@@ -16,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from pipeline.batch import PromptBatch, RolloutBatch
+from pipeline.batch import RolloutBatch
 from pipeline.config import Config, parse_args
 
 
@@ -40,18 +40,16 @@ class GlimpseStage:
         return {"lr": cfg.glimpse.train_lr, "glimpse_cfg": cfg.glimpse}
 
     def make_batch(self, rows: list[dict]) -> RolloutBatch:
-        if self.cfg.glimpse.train_loss == "distill":
-            from pipeline.sft import answer_batch
+        from pipeline.sft import answer_batch
 
+        if self.cfg.glimpse.train_loss == "distill":
             return answer_batch(rows, self.tokenizer)
         boxed = [r for r in rows if r.get("boxes")]
         self.rows_without_boxes += len(rows) - len(boxed)
         if not boxed:
             raise ValueError("glimpse.train_loss=box needs target boxes, and a whole batch had "
                              "none: give the data a boxes column (data.columns.boxes)")
-        return RolloutBatch(prompts=PromptBatch.from_rows(boxed),
-                            prompt_index_B=list(range(len(boxed))),
-                            response_ids=[[] for _ in boxed])
+        return answer_batch(boxed, self.tokenizer)  # answers feed box+distill's KL term
 
     def step_args(self, step: int) -> tuple:
         return (f"glimpse_{self.cfg.glimpse.train_loss}",)

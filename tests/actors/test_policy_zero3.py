@@ -73,7 +73,7 @@ def test_two_ranks_equal_one_rank(ray_local, tiny_model_dir):
                for a, b in zip(logprobs_1, logprobs_2, strict=True)) < 1e-5
 
 
-@pytest.mark.parametrize("loss", ["glimpse_box", "glimpse_distill"])
+@pytest.mark.parametrize("loss", ["glimpse_box", "glimpse_distill", "glimpse_box+distill"])
 def test_stage1_trains_only_glimpse_modules_and_base_stays_bit_identical(ray_local,
                                                                          tiny_model_dir, loss):
     from actors.group import ActorGroup
