@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from pipeline.batch import PromptBatch
-from pipeline.config import ConfigError, load_config
+from pipeline.config import parse_args
 
 
 def _random_masks(num_rows: int, num_visual: int, keep_ratio: float, seed: int) -> list:
@@ -84,20 +84,14 @@ def print_table(result: dict[str, dict[str, float]], out=sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny.yaml")
-    parser.add_argument("--keep-ratio", type=float, default=None,
-                        help="random masks of this ratio instead of the keep rule")
-    parser.add_argument("--prompts", type=int, default=None,
-                        help="number of prompts (default trainer.prompts_per_step)")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--keep-ratio", type=float, default=None,
+                            help="random masks of this ratio instead of the keep rule")
+        parser.add_argument("--prompts", type=int, default=None,
+                            help="number of prompts (default trainer.prompts_per_step)")
+        parser.add_argument("--rounds", type=int, default=2)
+
+    cfg, args = parse_args(argv, __doc__.splitlines()[0], options)
     from actors.rollout import RolloutActor
     from glimpseprune.tiny import resolve_base_model
     from pipeline.synthetic import generate_split

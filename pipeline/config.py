@@ -447,13 +447,21 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def parse_args(argv: list[str] | None, description: str) -> tuple[Config, argparse.Namespace]:
+def parse_args(argv: list[str] | None, description: str,
+               add_arguments=None) -> tuple[Config, argparse.Namespace]:
     """The shared command line of every stage: `--config FILE [dotted.key=value ...]`.
+
+    Args:
+        argv: the arguments (None: sys.argv[1:]).
+        description: the command's help text.
+        add_arguments: optional `fn(parser)` adding the command's own options.
 
     Exits with status 2 and a one-line message naming the key when the config is wrong.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny.yaml")
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = parser.parse_args(argv)
     try:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from pipeline.batch import PromptBatch
-from pipeline.config import ConfigError, load_config
+from pipeline.config import parse_args
 
 
 def _open_image(path: Path):
@@ -74,17 +74,11 @@ def answer(actor, prompts: PromptBatch, read_errors: list[str | None],
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny.yaml")
-    parser.add_argument("--requests", required=True, help="JSONL of {image, question}")
-    parser.add_argument("--out", default=None, help="answers JSONL (default: stdout)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--requests", required=True, help="JSONL of {image, question}")
+        parser.add_argument("--out", default=None, help="answers JSONL (default: stdout)")
+
+    cfg, args = parse_args(argv, __doc__.splitlines()[0], options)
     from actors.rollout import RolloutActor
     from glimpseprune.tiny import resolve_base_model
 
