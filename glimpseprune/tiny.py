@@ -27,16 +27,19 @@ SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
     "<|image_pad|>", "<|video_pad|>",
 ]
-# Qwen2.5-VL's chat format: the image placeholder sits inside the user turn, the answer follows
-# `<|im_start|>assistant\n`. No default system turn: the tiny model's prompts stay short.
+# Qwen2.5-VL's chat format (the answer follows `<|im_start|>assistant\n`) with one change: the
+# user turn's text comes BEFORE its images. Under causal attention the visual tokens can then
+# read the question, which is what made a tiny model ground its answers on CPU (shared docs
+# tiny-task.md). Real Qwen checkpoints keep their own template. No default system turn.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' or 'image' in part %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
