@@ -21,3 +21,15 @@ def small_cfg(tmp_path):
     return load_config("configs/tiny.yaml", [
         f"output_dir={tmp_path}", "data.synthetic.num_train=12",
         "data.synthetic.num_validation=4", "data.synthetic.num_test=4"])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, and said so, on a machine without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marker gpu); none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
