@@ -259,7 +259,8 @@ class PolicyActor:
 
         Args:
             batch: this rank's rows.
-            loss: "sft" (negative log-likelihood of the response tokens, global token mean)
+            loss: "sft" (negative log-likelihood of the response tokens where
+                extras["loss_mask"] is 1, all of them without it; global token mean)
                 or "dense" (the vision tower's per-cell loss alone; the whole model still runs
                 forward through the engine, which ZeRO-3's gradient accumulation relies on).
             dense_weight: weight of the per-cell loss added to "sft" (0: none).
@@ -274,7 +275,8 @@ class PolicyActor:
             raise ValueError(f"unknown loss {loss!r}; this engine knows: sft, dense, "
                              "glimpse_box, glimpse_distill")
         self.engine.train()
-        counts = torch.tensor([float(sum(len(r) for r in batch.response_ids)), float(len(batch))])
+        masks = batch.extras.get("loss_mask") or [[1] * len(r) for r in batch.response_ids]
+        counts = torch.tensor([float(sum(map(sum, masks))), float(len(batch))])
         torch.distributed.all_reduce(counts)  # global response tokens, global rows
         global_tokens, global_rows = counts.tolist()
         totals = torch.zeros(2)  # answer NLL sum, dense loss sum
@@ -282,7 +284,10 @@ class PolicyActor:
         micro = self._micro_batches(batch)
         for k, (rows, weight) in enumerate(micro):
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-            token_sum = -torch.cat(self._response_logprobs(batch, rows)).sum()
+            logprobs = self._response_logprobs(batch, rows)
+            # Only answer tokens count: a packed multi-turn response masks the question turns.
+            token_sum = -sum((lp * torch.tensor(masks[i], dtype=lp.dtype, device=lp.device)).sum()
+                             for i, lp in zip(rows, logprobs, strict=True))
             objective = token_sum / global_tokens if loss == "sft" else token_sum * 0.0
             totals[0] += weight * token_sum.detach().cpu()
             if loss == "dense" or dense_weight > 0:

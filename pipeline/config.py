@@ -233,6 +233,9 @@ class SftConfig:
     vision_pretrain_steps: int = 0
     dense_loss_weight: float = 0.0
     vision_lr_scale: float = 1.0  # the vision tower's LR relative to `sft.lr`
+    # Pack up to this many questions about the same image (same image_id) into one multi-turn
+    # sample: one image forward supervises several answers (loss on the answers only).
+    turns_per_sample: int = 1
 
 
 @dataclass
@@ -354,6 +357,7 @@ def _validate(cfg: Config) -> None:
                 "trainer.total_steps", "checkpoint.every_steps", "checkpoint.keep_last",
                 "policy.num_ranks", "policy.micro_batch_size", "policy.grad_accum_steps",
                 "sft.total_steps", "sft.eval_every", "sft.prompts_per_step",
+                "sft.turns_per_sample",
                 "glimpse.train_steps", "glimpse.train_eval_every",
                 "glimpse.train_prompts_per_step"]
     for dotted in positive:

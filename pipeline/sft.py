@@ -28,6 +28,33 @@ def answer_batch(rows: list[dict], tokenizer) -> RolloutBatch:
                       for r in rows])
 
 
+def packed_batch(rows: list[dict], siblings: dict[str, list[dict]], tokenizer,
+                 turns: int) -> RolloutBatch:
+    """Each row becomes one multi-turn sample: its own question first (the one the image
+    follows), then up to `turns - 1` other questions about the same image as text-only turns.
+    `extras["loss_mask"]` marks the answer tokens (and their end-of-turn) as the only ones the
+    loss sees."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    responses, masks = [], []
+    for row in rows:
+        others = [r for r in siblings.get(row.get("image_id") or row["id"], [])
+                  if r["id"] != row["id"]][: turns - 1]
+        ids, mask = [], []
+        for k, turn in enumerate([row, *others]):
+            if k:  # the scaffold and question of a follow-up turn: context, no loss
+                text = f"\n<|im_start|>user\n{turn['question']}<|im_end|>\n<|im_start|>assistant\n"
+                scaffold = tokenizer.encode(text, add_special_tokens=False)
+                ids += scaffold
+                mask += [0] * len(scaffold)
+            answer = tokenizer.encode(turn["answer"], add_special_tokens=False) + [eos]
+            ids += answer
+            mask += [1] * len(answer)
+        responses.append(ids)
+        masks.append(mask)
+    return RolloutBatch(prompts=PromptBatch.from_rows(rows), prompt_index_B=list(range(len(rows))),
+                        response_ids=responses, extras={"loss_mask": masks})
+
+
 def evaluate(group, dataset, tokenizer, limit: int) -> dict[str, float]:
     """Greedy exact match on the first `limit` rows, overall and per question type."""
     rows = [dataset[i] for i in range(min(limit, len(dataset)))]
@@ -46,8 +73,13 @@ class SftStage:
 
     name = "sft"
 
-    def __init__(self, cfg: Config, tokenizer):
+    def __init__(self, cfg: Config, tokenizer, train_rows=None):
         self.cfg, self.sft, self.tokenizer = cfg, cfg.sft, tokenizer
+        # image_id -> its rows (questions and answers only: the image comes with the row)
+        self.siblings: dict[str, list[dict]] = {}
+        if cfg.sft.turns_per_sample > 1 and train_rows is not None:
+            for row in train_rows.select_columns(["id", "image_id", "question", "answer"]):
+                self.siblings.setdefault(row["image_id"], []).append(row)
         self.total_steps = cfg.sft.total_steps
         self.prompts_per_step = cfg.sft.prompts_per_step
         self.eval_every = cfg.sft.eval_every
@@ -58,6 +90,8 @@ class SftStage:
                 "lr": self.sft.lr}
 
     def make_batch(self, rows: list[dict]) -> RolloutBatch:
+        if self.sft.turns_per_sample > 1:
+            return packed_batch(rows, self.siblings, self.tokenizer, self.sft.turns_per_sample)
         return answer_batch(rows, self.tokenizer)
 
     def step_args(self, step: int) -> tuple:
@@ -87,10 +121,17 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from glimpseprune.tiny import resolve_base_model
+    from pipeline.data import load_split
     from pipeline.trainer import train
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(cfg.model, cfg.output_dir))
-    return train(cfg, SftStage(cfg, tokenizer), parent_run_id)
+    train_rows = None
+    if cfg.sft.turns_per_sample > 1:
+        train_rows = load_split(cfg.data, "train", cfg.output_dir)[0]
+        if "image_id" not in train_rows.column_names:
+            raise ValueError("sft.turns_per_sample > 1 needs an image_id column to find the "
+                             "other questions about an image")
+    return train(cfg, SftStage(cfg, tokenizer, train_rows), parent_run_id)
 
 
 def main(argv: list[str] | None = None) -> None:
