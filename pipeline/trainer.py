@@ -126,11 +126,12 @@ def _steps(cfg: Config, stage: Stage, group, tracker, train_set, validation) -> 
         if step % stage.eval_every == 0 or step == stage.total_steps:
             evaluation = stage.evaluate(group, validation)
             record.update(evaluation)
+        record["timing_s/step"] = time.perf_counter() - t_step
+        # Metrics first: a run killed right after a checkpoint has logged every step it saved.
+        tracker.log(record, step)
         if step % cfg.checkpoint.every_steps == 0 or step == stage.total_steps:
             folder = checkpoints.save(group, step, {"data_position": position})
             tracker.client.set_tag(tracker.run_id, "checkpoint_dir", str(folder.resolve()))
-        record["timing_s/step"] = time.perf_counter() - t_step
-        tracker.log(record, step)
         shown = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in record.items()
                          if k in ("policy/loss", "eval/accuracy", "eval/keep_ratio"))
         print(f"{stage.name} step {step}/{stage.total_steps} {shown} "
