@@ -86,9 +86,13 @@ class ActorGroup:
 
     def run_split(self, method: str, batch: Any, *args: Any, **kwargs: Any) -> list[Any]:
         """Calls `method(shard, ...)` on every rank with `batch.split(world_size)[rank]`."""
+        return ray.get(self.submit_split(method, batch, *args, **kwargs))
+
+    def submit_split(self, method: str, batch: Any, *args: Any, **kwargs: Any) -> list:
+        """`run_split` without waiting: one ObjectRef per rank (the driver overlaps roles)."""
         shards = batch.split(self.world_size)
-        return ray.get([getattr(a, method).remote(shard, *args, **kwargs)
-                        for a, shard in zip(self.actors, shards, strict=True)])
+        return [getattr(a, method).remote(shard, *args, **kwargs)
+                for a, shard in zip(self.actors, shards, strict=True)]
 
     def node_ids(self) -> list[str]:
         """The Ray node each rank runs on (from Ray's own placement information)."""

@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+from actors.batching import equal_micro_batches, prompt_inputs
 from actors.group import DistInfo
 from pipeline.batch import RolloutBatch
 from pipeline.checkpoint import atomic_folder
@@ -74,11 +75,16 @@ class PolicyActor:
         lr: the stage's LR; None takes `policy_cfg.lr`.
         glimpse_cfg: stage 1: train only the glimpse token + VIP of a GlimpsePruneModel built
             on the frozen base (a `GlimpseConfig`); None trains the base model itself.
+        grpo: stage 2: {"glimpse": GlimpseConfig, "algo": AlgoConfig, "mask_temperature":
+            float}: a GlimpsePruneModel (base + the stage-1 modules of glimpse.modules_path)
+            trained on replayed keep masks (actors/policy_grpo.py); the glimpse modules train
+            only with algo.train_vip.
     """
 
     def __init__(self, dist: DistInfo, policy_cfg: PolicyConfig, model_cfg: ModelConfig,
                  model_path: str, seed: int, total_steps: int, dense_heads: bool = False,
-                 vision_lr_scale: float = 1.0, lr: float | None = None, glimpse_cfg=None):
+                 vision_lr_scale: float = 1.0, lr: float | None = None, glimpse_cfg=None,
+                 grpo: dict | None = None):
         import deepspeed
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -89,7 +95,7 @@ class PolicyActor:
         if lr is not None:
             policy_cfg = replace(policy_cfg, lr=lr)
         self.dist, self.cfg, self.glimpse = dist, policy_cfg, glimpse_cfg is not None
-        self.glimpse_cfg = glimpse_cfg
+        self.glimpse_cfg, self.grpo = glimpse_cfg, grpo
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         bf16 = self.device.type == "cuda" and model_cfg.dtype == "bfloat16"
         self.processor = AutoProcessor.from_pretrained(
@@ -97,6 +103,9 @@ class PolicyActor:
         dtype = torch.bfloat16 if bf16 else torch.float32
         if self.glimpse:
             self._init_glimpse(deepspeed, model_path, glimpse_cfg, dtype, seed, total_steps, bf16)
+            return
+        if grpo is not None:
+            self._init_grpo(deepspeed, model_path, dtype, seed, total_steps, bf16)
             return
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             model_path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
@@ -132,6 +141,26 @@ class PolicyActor:
                                                   seed=seed).stage1()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=list(model.glimpse_modules.parameters()),
+            config=deepspeed_config(self.cfg, self.dist.world_size, bf16),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, _lr_lambda(self.cfg, total_steps)))
+
+    def _init_grpo(self, deepspeed, model_path, dtype, seed, total_steps, bf16):
+        from glimpseprune.model import GlimpsePruneModel
+
+        if self.cfg.lora.enabled:
+            raise NotImplementedError("policy.lora with GRPO is not built yet: the replay forward "
+                                      "needs the adapters inside GlimpsePruneModel's base")
+        model = GlimpsePruneModel.from_pretrained(model_path, self.grpo["glimpse"], dtype=dtype,
+                                                  seed=seed)
+        model.base.requires_grad_(True)
+        if self.cfg.freeze_vision:
+            model.base.model.visual.requires_grad_(False)
+        model.glimpse_modules.requires_grad_(self.grpo["algo"].train_vip)
+        if self.cfg.gradient_checkpointing:
+            model.base.gradient_checkpointing_enable()
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(self.cfg, self.dist.world_size, bf16),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, _lr_lambda(self.cfg, total_steps)))
@@ -193,24 +222,16 @@ class PolicyActor:
         return out
 
     def _micro_batches(self, batch: RolloutBatch) -> list[tuple[range, float]]:
-        """(rows, weight) per micro-batch, the same COUNT on every rank (collective).
-
-        Every ZeRO-3 forward all-gathers parameters, so a rank that ran one micro-batch more
-        than the others would wait forever. Ranks with fewer rows repeat their last micro-batch
-        with weight 0: it joins the collectives and adds nothing to loss or gradient.
-        """
-        if len(batch) == 0:
-            raise ValueError("a rank received no rows: give each step at least as many rows "
-                             "as policy.num_ranks")
-        size = self.cfg.micro_batch_size
-        micro = [(range(s, min(s + size, len(batch))), 1.0) for s in range(0, len(batch), size)]
-        most = torch.tensor([len(micro)])
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        return micro + [(micro[-1][0], 0.0)] * (int(most) - len(micro))
+        return equal_micro_batches(len(batch), self.cfg.micro_batch_size)
 
     # ------------------------------------------------------------- public API
     def compute_logprobs(self, batch: RolloutBatch) -> list[list[float]]:
-        """Log-probs of every response token of this rank's shard (no gradient)."""
+        """Log-probs of every response token of this rank's shard (no gradient); in GRPO mode
+        on each row's keep mask (the replay forward)."""
+        if self.grpo is not None:
+            from actors.policy_grpo import replay_logprobs
+
+            return replay_logprobs(self, batch)
         self.engine.eval()
         with torch.no_grad():
             return [lp.tolist() for mb, weight in self._micro_batches(batch)
@@ -271,9 +292,13 @@ class PolicyActor:
         """
         if loss in ("glimpse_box", "glimpse_distill", "glimpse_box+distill"):
             return self._glimpse_step(batch, loss)
+        if loss == "grpo":
+            from actors.policy_grpo import grpo_step
+
+            return grpo_step(self, batch)
         if loss not in ("sft", "dense"):
             raise ValueError(f"unknown loss {loss!r}; this engine knows: sft, dense, "
-                             "glimpse_box, glimpse_distill")
+                             "glimpse_box, glimpse_distill, glimpse_box+distill, grpo")
         self.engine.train()
         masks = batch.extras.get("loss_mask") or [[1] * len(r) for r in batch.response_ids]
         counts = torch.tensor([float(sum(map(sum, masks))), float(len(batch))])
@@ -310,14 +335,7 @@ class PolicyActor:
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     def _prompt_inputs(self, batch: RolloutBatch, rows: range) -> dict:
-        """A left-padded processor batch of the rows' prompts (what GlimpsePruneModel takes)."""
-        prompts = [batch.prompt_index_B[i] for i in rows]
-        self.processor.tokenizer.padding_side = "left"
-        enc = self.processor(
-            text=[prompt_text(self.processor, batch.prompts.questions[p]) for p in prompts],
-            images=[batch.prompts.images[p] for p in prompts], padding=True,
-            return_tensors="pt")
-        return {k: v.to(self.device) for k, v in enc.items() if k != "mm_token_type_ids"}
+        return prompt_inputs(self.processor, batch, rows, self.device)
 
     def _box_targets(self, batch: RolloutBatch, rows: range, grids: torch.Tensor) -> list:
         from glimpseprune.grid import boxes_to_token_mask
@@ -421,6 +439,35 @@ class PolicyActor:
                     state[name] = param.detach().to("cpu", copy=True)
         return state if self.dist.rank == 0 else None
 
+    def trainable_buckets(self, bucket_numel: int) -> list:
+        """What weight sync sends: the parameters training changes (frozen ones, e.g. the
+        vision tower and, without algo.train_vip, the glimpse modules, never change), gathered
+        in buckets of about `bucket_numel` elements (full sizes: `ds_numel` under ZeRO-3) and
+        put in Ray's object store by rank 0. Collective.
+
+        Returns:
+            on rank 0, one ObjectRef per bucket (a {name: CPU tensor} dict); [] elsewhere.
+        """
+        import deepspeed
+        import ray
+
+        named = [(n, p) for n, p in self.engine.module.named_parameters()
+                 if p.requires_grad and not n.startswith("dense_heads.")]
+        buckets, current, size = [], [], 0
+        for name, param in named:
+            current.append((name, param))
+            size += getattr(param, "ds_numel", param.numel())
+            if size >= bucket_numel:
+                buckets.append(current)
+                current, size = [], 0
+        buckets += [current] if current else []
+        refs = []
+        for bucket in buckets:
+            with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+                if self.dist.rank == 0:
+                    refs.append(ray.put({n: p.detach().to("cpu", copy=True) for n, p in bucket}))
+        return refs
+
     @staticmethod
     def _save_merged_lora(module, folder: str) -> None:
         # Merge, save under the base model's own names, unmerge: training goes on unchanged.
@@ -432,15 +479,21 @@ class PolicyActor:
         module.unmerge_adapter()
 
     def export_hf(self, folder: str) -> None:
-        """Writes an HF-format checkpoint (safetensors + processor) to `folder` from rank 0."""
+        """Writes an HF-format checkpoint (safetensors + processor) to `folder` from rank 0; in
+        GRPO mode with the glimpse modules in `folder/glimpse_modules`."""
         import deepspeed
+
+        from glimpseprune.io import save_modules
 
         module = self.engine.module
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if self.dist.rank == 0:
                 with atomic_folder(folder) as tmp:
-                    if self.cfg.lora.enabled:
+                    if self.grpo is not None:
+                        module.base.save_pretrained(tmp, safe_serialization=True)
+                        save_modules(module.glimpse_modules, tmp / "glimpse_modules")
+                    elif self.cfg.lora.enabled:
                         self._save_merged_lora(module, str(tmp))
                     else:
                         state = {k: v for k, v in module.state_dict().items()

@@ -296,6 +296,14 @@ class RolloutActor:
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
 
+    def load_weight_buckets(self, *buckets: dict[str, torch.Tensor]) -> int:
+        """`load_weights` of the union of weight sync's buckets (Ray resolves each ObjectRef
+        argument to its dict); one reload, so no layer ever arrives in part. Returns the number
+        of tensors loaded."""
+        merged = {name: tensor for bucket in buckets for name, tensor in bucket.items()}
+        self.load_weights(merged)
+        return len(merged)
+
     def shutdown(self) -> None:
         """Stops the engine's processes now (before interpreter exit closes its log streams)."""
         from glimpseprune.vllm_engine import stop_engine

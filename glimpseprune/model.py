@@ -129,9 +129,18 @@ class GlimpsePruneModel(nn.Module):
         return cls(base, modules.to(dtype).eval(), glimpse_cfg.threshold, glimpse_cfg.min_keep,
                    glimpse_cfg.max_keep_ratio)
 
-    def forward(self, **inputs) -> list[torch.Tensor]:
-        """Stage-1 training forward (what a DeepSpeed engine calls): per row, [V_b] VIP logits."""
-        return self.vip_logits(inputs)
+    def forward(self, response_ids: list[list[int]] | None = None, keep_masks: list | None = None,
+                with_vip: bool = False, **inputs):
+        """The training forward a DeepSpeed engine calls (one call per micro-batch).
+
+        Without `response_ids` (stage 1): per row, [V_b] VIP logits. With them (stage 2): the
+        replay log-probs of the responses on their keep masks (`replay_logprobs`), and the VIP
+        logits too when `with_vip` (GRPO's mask log-likelihood term), else None.
+        """
+        if response_ids is None:
+            return self.vip_logits(inputs)
+        logprobs = self.replay_logprobs(inputs, keep_masks, response_ids)
+        return logprobs, (self.vip_logits(inputs) if with_vip else None)
 
     def stage1(self) -> GlimpsePruneModel:
         """Freezes the base (eval, no grads) and makes only glimpse + VIP trainable."""

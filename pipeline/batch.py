@@ -61,6 +61,15 @@ class PromptBatch:
     def split(self, parts: int) -> list[PromptBatch]:
         return [self.take(r) for r in _chunks(len(self), parts)]
 
+    @classmethod
+    def concat(cls, batches: list[PromptBatch]) -> PromptBatch:
+        def join(name: str) -> list:
+            return [v for b in batches for v in getattr(b, name)]
+
+        return cls(ids=join("ids"), images=join("images"), questions=join("questions"),
+                   answers=join("answers"), boxes=join("boxes"),
+                   question_types=join("question_types"), objects=join("objects"))
+
 
 @dataclass
 class RolloutBatch:
@@ -80,6 +89,36 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return len(self.prompt_index_B)
+
+    def take(self, rows: list[int]) -> RolloutBatch:
+        """Only the listed rows (same prompts, same prompt indices)."""
+        def pick(values: list | None) -> list | None:
+            return None if values is None else [values[i] for i in rows]
+
+        return replace(self, prompt_index_B=pick(self.prompt_index_B),
+                       response_ids=pick(self.response_ids), keep_mask_BV=pick(self.keep_mask_BV),
+                       rollout_logprobs=pick(self.rollout_logprobs),
+                       advantages_B=pick(self.advantages_B),
+                       extras={k: pick(v) for k, v in self.extras.items()})
+
+    @classmethod
+    def concat(cls, batches: list[RolloutBatch]) -> RolloutBatch:
+        """Rows of several batches after one another (prompt indices shifted to match)."""
+        offsets = [0]
+        for b in batches[:-1]:
+            offsets.append(offsets[-1] + len(b.prompts))
+
+        def join(name: str) -> list | None:
+            values = [getattr(b, name) for b in batches]
+            return None if any(v is None for v in values) else [x for v in values for x in v]
+
+        keys = set.intersection(*(set(b.extras) for b in batches)) if batches else set()
+        return cls(prompts=PromptBatch.concat([b.prompts for b in batches]),
+                   prompt_index_B=[p + off for b, off in zip(batches, offsets, strict=True)
+                                   for p in b.prompt_index_B],
+                   response_ids=join("response_ids"), keep_mask_BV=join("keep_mask_BV"),
+                   rollout_logprobs=join("rollout_logprobs"), advantages_B=join("advantages_B"),
+                   extras={k: [x for b in batches for x in b.extras[k]] for k in sorted(keys)})
 
     def split(self, parts: int) -> list[RolloutBatch]:
         """Contiguous row shards; each carries only the prompts its rows use (re-indexed)."""

@@ -84,9 +84,12 @@ class DenseHeads(torch.nn.Module):
         for name in ("kind", "color", "digit"):
             target = labels[name].to(feats_VD.device)
             valid = target != IGNORE
+            # Every head runs on every cell, labelled or not: under ZeRO-3 a head skipped on one
+            # rank (an image without a digit box) leaves its parameter all-gather unmatched.
+            logits = getattr(self, name)(feats_VD).float()
             if not valid.any():
+                loss = loss + 0.0 * logits.sum()
                 continue
-            logits = getattr(self, name)(feats_VD[valid])
-            loss = loss + torch.nn.functional.cross_entropy(logits.float(), target[valid])
-            accuracy[name] = float((logits.argmax(-1) == target[valid]).float().mean())
+            loss = loss + torch.nn.functional.cross_entropy(logits[valid], target[valid])
+            accuracy[name] = float((logits[valid].argmax(-1) == target[valid]).float().mean())
         return loss, accuracy

@@ -1,0 +1,315 @@
+"""`python -m pipeline.grpo`: stage 2, GlimpsePrune+: GRPO on the model's own pruned inputs.
+
+Owns the driver: where the run starts (a stage-1 or stage-2 export, or an MLflow model version),
+starting the roles on Ray (rollout engines, reward service, reference, policy ranks), and the
+GRPO step, which reads top to bottom as design.md's "one GRPO step"; every blocking wait is in
+`grpo_step`. Also resume, periodic evaluation, checkpoints and the registered stage-2 export.
+Must not hold GRPO maths (pipeline/algo.py), model code (glimpseprune/, actors/) or reward rules
+(rewards/).
+
+    python -m pipeline.grpo --config configs/tiny.yaml [dotted.key=value ...]
+    ray job submit --working-dir . -- python -m pipeline.grpo --config configs/<x>.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from pipeline.batch import PromptBatch, RolloutBatch
+from pipeline.config import Config, parse_args
+
+
+def starting_point(cfg: Config) -> tuple[Path, Path]:
+    """(base model folder, glimpse modules folder) that stage 2 starts from.
+
+    `trainer.init_from`: "" = the stage-1 export under <output_dir>/glimpse/final; a folder
+    (stage 1: glimpse_modules/ + base_model.txt; stage 2: HF weights + glimpse_modules/); or
+    "mlflow:<registered model name>/<version>" (downloaded under <output_dir>/grpo/init).
+    `glimpse.modules_path`, when set, names the modules on the base of `model.path`.
+    """
+    from glimpseprune.tiny import resolve_base_model
+
+    out = Path(cfg.output_dir)
+    if cfg.glimpse.modules_path and not cfg.trainer.init_from:
+        return resolve_base_model(cfg.model, out), Path(cfg.glimpse.modules_path)
+    init = cfg.trainer.init_from
+    if init.startswith("mlflow:"):
+        folder = _download_version(cfg, init.removeprefix("mlflow:"), out / "grpo" / "init")
+    else:
+        folder = Path(init) if init else out / "glimpse" / "final"
+    if not (folder / "glimpse_modules").is_dir():
+        raise FileNotFoundError(
+            f"no stage-1 model at {folder} (expected {folder}/glimpse_modules): run "
+            "`python -m pipeline.glimpse` first, or set trainer.init_from to a stage-1/2 "
+            "export folder or mlflow:<name>/<version>, or glimpse.modules_path")
+    if (folder / "config.json").is_file():
+        return folder, folder / "glimpse_modules"  # a stage-2 export carries its base
+    pointer = folder / "base_model.txt"
+    if not pointer.is_file():
+        raise FileNotFoundError(f"{folder} has glimpse modules but neither HF weights nor "
+                                "base_model.txt naming their base model")
+    return Path(pointer.read_text().strip()), folder / "glimpse_modules"
+
+
+def _download_version(cfg: Config, name_version: str, into: Path) -> Path:
+    from mlflow.artifacts import download_artifacts
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    name, _, version = name_version.rpartition("/")
+    if not name or not version:
+        raise ValueError(f"trainer.init_from=mlflow:{name_version}: expected "
+                         "mlflow:<registered model name>/<version>")
+    uri = tracking_uri(cfg)
+    source = MlflowClient(uri).get_model_version(name, version).source
+    into.mkdir(parents=True, exist_ok=True)
+    return Path(download_artifacts(artifact_uri=source, dst_path=str(into), tracking_uri=uri))
+
+
+class Roles:
+    """The Ray actors of one GRPO run (started in `start`, stopped in `shutdown`)."""
+
+    def __init__(self, cfg: Config, base: Path, glimpse_cfg, total_steps: int):
+        import ray
+
+        from actors.group import ActorGroup
+        from actors.policy import PolicyActor
+        from actors.reference import ReferenceActor
+        from actors.rollout import RolloutActor
+        from actors.weight_sync import WeightSync
+        from rewards.service import RewardService
+
+        p, r, strategy = cfg.policy, cfg.rollout, cfg.cluster.placement_strategy
+        self.rollouts = [ray.remote(RolloutActor).options(
+            num_cpus=r.cpus_per_engine, num_gpus=r.gpus_per_engine).remote(
+            str(base), cfg.model, glimpse_cfg, r, seed=cfg.trainer.seed + i,
+            max_image_pixels=cfg.data.max_image_pixels) for i in range(r.num_engines)]
+        self.rewards = [ray.remote(RewardService).options(
+            num_cpus=cfg.reward.cpus_per_worker).remote(cfg.reward)
+            for _ in range(cfg.reward.num_workers)]
+        self.reference = None
+        if cfg.algo.kl_coef > 0:
+            self.reference = ActorGroup(
+                ReferenceActor, cfg.reference.num_ranks, cpus_per_rank=cfg.reference.cpus_per_rank,
+                gpus_per_rank=cfg.reference.gpus_per_rank, strategy=strategy,
+                args=(cfg.reference, cfg.model, glimpse_cfg, str(base)))
+        self.policy = ActorGroup(
+            PolicyActor, p.num_ranks, cpus_per_rank=p.cpus_per_rank, gpus_per_rank=p.gpus_per_rank,
+            strategy=strategy,
+            args=(p, cfg.model, str(base), cfg.trainer.seed, total_steps),
+            kwargs={"grpo": {"glimpse": glimpse_cfg, "algo": cfg.algo,
+                             "mask_temperature": r.mask_temperature}})
+        self.weight_sync = WeightSync(self.policy, self.rollouts)
+
+    def generate(self, prompts: PromptBatch, n: int, greedy: bool = False) -> RolloutBatch:
+        """Prompts split over the engines, generated in parallel, rows back in prompt order."""
+        import ray
+
+        parts = [part for part in prompts.split(len(self.rollouts)) if len(part)]
+        return RolloutBatch.concat(ray.get([
+            engine.generate.remote(part, n, greedy)
+            for engine, part in zip(self.rollouts, parts, strict=False)]))
+
+    def score(self, rollout: RolloutBatch, texts: list[str]) -> dict:
+        """The reward service over all rows (split between its workers), merged."""
+        import ray
+
+        from pipeline.batch import _chunks
+
+        chunks = [c for c in _chunks(len(rollout), len(self.rewards)) if len(c)]
+        parts = ray.get([w.score.remote(rollout.take(list(c)), texts[c.start:c.stop])
+                         for w, c in zip(self.rewards, chunks, strict=False)])
+        merged = {k: [v for part in parts for v in part[k]] for k in parts[0] if k != "errors"}
+        merged["errors"] = sum(part["errors"] for part in parts)
+        return merged
+
+    def shutdown(self) -> None:
+        import ray
+
+        for engine in self.rollouts:
+            try:
+                ray.get(engine.shutdown.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
+            ray.kill(engine)
+        for worker in self.rewards:
+            ray.kill(worker)
+        for group in (self.reference, self.policy):
+            if group is not None:
+                group.shutdown()
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dict[str, float]:
+    """One GRPO step, top to bottom; returns its MLflow record."""
+    import ray
+    import torch
+
+    from pipeline import algo
+
+    # 1. Rollout: G samples per prompt, each on its own keep mask (the mask is part of the action).
+    t0 = time.perf_counter()
+    rollout = roles.generate(prompts, cfg.rollout.n)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.response_ids]
+    usable = [i for i, err in enumerate(rollout.extras["error"]) if err is None]
+    batch = rollout.take(usable)
+    t_rollout = time.perf_counter() - t0
+
+    # 2. In parallel: rewards of every row, reference log-probs on the replayed keep masks.
+    ref_refs = roles.reference.submit_split("compute_logprobs", batch) if roles.reference else []
+    t1 = time.perf_counter()
+    rewards = roles.score(rollout, texts)
+    t_reward = time.perf_counter() - t1
+    if ref_refs:
+        batch.extras["ref_logprobs"] = [lp for part in ray.get(ref_refs) for lp in part]
+    t_reference = time.perf_counter() - t1
+
+    # 3. Advantages within each prompt's group (failed rows were left out and are counted).
+    rewards_B = torch.tensor([rewards["total"][i] for i in usable])
+    group_B = torch.tensor(batch.prompt_index_B)
+    advantages_B = algo.group_advantages(rewards_B, group_B, cfg.algo.advantage,
+                                         cfg.algo.advantage_eps)
+    if cfg.algo.dynamic_sampling:
+        varied = algo.dynamic_sampling_keep(rewards_B, group_B).nonzero().squeeze(-1).tolist()
+        if len(varied) >= cfg.policy.num_ranks:  # else train on all: adv 0, only the KL acts
+            batch, advantages_B = batch.take(varied), advantages_B[varied]
+    batch.advantages_B = advantages_B.tolist()
+
+    # 4. Policy update on every ZeRO-3 rank, then 5. weight sync policy -> rollout engines.
+    t2 = time.perf_counter()
+    train = roles.policy.run_split("train_step", batch, "grpo")[0]
+    t_train = time.perf_counter() - t2
+    sync = roles.weight_sync.push()
+
+    extras = rollout.extras
+    kept = [k for k, e in zip(extras["kept_tokens"], extras["error"], strict=True) if e is None]
+    visual = [v for v, e in zip(extras["visual_tokens"], extras["error"], strict=True)
+              if e is None]
+    new_tokens = sum(len(ids) for ids in batch.response_ids)
+    return {
+        "reward/total": _mean(rewards["total"]), "reward/accuracy": _mean(rewards["accuracy"]),
+        "reward/prune_bonus": _mean(rewards["prune_bonus"]),
+        "reward/format": _mean(rewards["format"]), "reward/errors": rewards["errors"],
+        "rollout/keep_ratio": sum(kept) / max(sum(visual), 1),
+        "rollout/visual_tokens": _mean(visual), "rollout/kept_tokens": _mean(kept),
+        "rollout/response_length": new_tokens / max(len(batch), 1),
+        "rollout/tokens_per_s": new_tokens / max(extras["generate_s"][0], 1e-9),
+        "rollout/failed": len(rollout) - len(usable), "rollout/trained_rows": len(batch),
+        "policy/loss": train["loss"], "policy/kl": train["kl"],
+        "policy/clip_frac": train["clip_frac"], "policy/grad_norm": train["grad_norm"],
+        "policy/lr": train["lr"], "policy/logprob_abs_diff": train["logprob_abs_diff"],
+        "policy/vip_loss": train["vip_loss"],
+        "timing_s/rollout": t_rollout, "timing_s/reward": t_reward,
+        "timing_s/reference": t_reference, "timing_s/train": t_train, **sync}
+
+
+def evaluate(cfg: Config, roles: Roles, rows: list[dict], tokenizer) -> dict[str, float]:
+    """Greedy answers with the keep rule (the deployed behaviour) on held-out rows."""
+    from pipeline.prompts import normalise_answer
+
+    out = roles.generate(PromptBatch.from_rows(rows), 1, greedy=True)
+    hits, kept, visual = [], 0, 0
+    for i, ids in enumerate(out.response_ids):
+        answer = tokenizer.decode(ids, skip_special_tokens=True)
+        hits.append(normalise_answer(answer) == normalise_answer(rows[i]["answer"]))
+        kept += out.extras["kept_tokens"][i] or 0
+        visual += out.extras["visual_tokens"][i] or 0
+    return {"eval/accuracy": sum(hits) / len(rows), "eval/keep_ratio": kept / max(visual, 1)}
+
+
+def _summary_line(step: int, total: int, record: dict) -> str:
+    return (f"grpo step {step}/{total} reward {record['reward/total']:.3f} "
+            f"acc {record['reward/accuracy']:.3f} keep {record['rollout/keep_ratio']:.3f} "
+            f"kl {record['policy/kl']:.2e} |dlogp| {record['policy/logprob_abs_diff']:.1e} "
+            + (f"eval_acc {record['eval/accuracy']:.3f} " if "eval/accuracy" in record else "")
+            + f"{record['timing_s/step']:.1f}s")
+
+
+def run(cfg: Config, parent_run_id: str | None = None) -> dict:
+    """Runs GRPO from the starting point (or a checkpoint) to trainer.total_steps; returns a
+    summary (also written to <output_dir>/grpo/summary.json)."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.cluster import check_resources, init_ray
+    from pipeline.data import epoch_order, load_split
+    from pipeline.tracking import Tracker
+
+    out = Path(cfg.output_dir)
+    base, modules = starting_point(cfg)
+    glimpse_cfg = replace(cfg.glimpse, modules_path=str(modules))
+    train_set, report = load_split(cfg.data, "train", out)
+    validation, _ = load_split(cfg.data, "validation", out)
+    eval_rows = [validation[i] for i in range(min(cfg.trainer.eval_samples, len(validation)))]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    init_ray(cfg.cluster)
+    check_resources(cfg)  # before any work: say what the cluster lacks
+    tracker = Tracker(cfg, "grpo", parent_run_id)
+    tracker.client.set_tag(tracker.run_id, "init_from", f"{base} + {modules}")
+    tracker.log({"data/skipped": report.skipped}, 0)
+    total = cfg.trainer.total_steps
+    roles = Roles(cfg, base, glimpse_cfg, total)
+    checkpoints = Checkpointer(out / "checkpoints" / "grpo", cfg.checkpoint.keep_last)
+    try:
+        start, position = 0, 0
+        resume_from = checkpoints.resolve(cfg.checkpoint.resume, tracker.client)
+        if resume_from is not None:
+            state = roles.policy.run("load_checkpoint", str(resume_from))[0]
+            start, position = state["step"], state["data_position"]
+            roles.weight_sync.push()  # the engines start from the files, not the checkpoint
+            print(f"grpo: resumed from {resume_from} at step {start}", flush=True)
+        else:
+            tracker.log(evaluate(cfg, roles, eval_rows, tokenizer), 0)
+        evaluation: dict[str, float] = {}
+        bar = tqdm(range(start + 1, total + 1), desc="grpo", unit="step", initial=start,
+                   total=total)
+        for step in bar:
+            t_step = time.perf_counter()
+            indices = epoch_order(len(train_set), cfg.trainer.seed, position,
+                                  cfg.trainer.prompts_per_step)
+            position += len(indices)
+            prompts = PromptBatch.from_rows([train_set[i] for i in indices])
+            record = grpo_step(cfg, roles, prompts, tokenizer)
+            if step % cfg.trainer.eval_every == 0 or step == total:
+                evaluation = evaluate(cfg, roles, eval_rows, tokenizer)
+                record.update(evaluation)
+            record["timing_s/step"] = time.perf_counter() - t_step
+            tracker.log(record, step)  # before the checkpoint: a resumed run has no gap
+            if step % cfg.checkpoint.every_steps == 0 or step == total:
+                folder = checkpoints.save(roles.policy, step, {"data_position": position})
+                tracker.client.set_tag(tracker.run_id, "checkpoint_dir", str(folder.resolve()))
+            bar.write(_summary_line(step, total, record))
+        export = out / "grpo" / "final"
+        roles.policy.run("export_hf", str(export))
+        tags = {"step": total, "accuracy": evaluation.get("eval/accuracy", ""),
+                "keep_ratio": evaluation.get("eval/keep_ratio", "")}
+        version = tracker.log_checkpoint(export, "checkpoint",
+                                         f"{cfg.tracking.experiment}-grpo", tags)
+        summary = {"stage": "grpo", "steps": total, "export": str(export),
+                   "mlflow_run_id": tracker.run_id, "model_version": version, **evaluation}
+        (out / "grpo" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except BaseException:
+        tracker.finish("FAILED")
+        roles.shutdown()
+        raise
+    tracker.finish()
+    roles.shutdown()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = parse_args(argv, "Stage 2: GRPO with vLLM rollouts on pruned prompts (GlimpsePrune+).")
+    print(json.dumps(run(cfg), indent=2))
+
+
+if __name__ == "__main__":
+    main()
