@@ -144,6 +144,8 @@ class RolloutConfig:
     max_model_len: int = 1024
     mask_mode: str = "sampled"  # shared (one mask per prompt) | sampled (one per sample)
     mask_temperature: float = 1.0
+    cpus_per_engine: float = 1
+    gpus_per_engine: float = 0  # > 0 on GPU clusters: tensor_parallel_size GPUs per engine
 
 
 @dataclass
@@ -173,11 +175,18 @@ class PolicyConfig:
     gradient_checkpointing: bool = False
     freeze_vision: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
+    cpus_per_rank: float = 1
+    gpus_per_rank: float = 0  # 1 on GPU clusters (the ranks then talk over NCCL)
 
 
 @dataclass
 class ReferenceConfig:
+    """The frozen reference model for the KL term (ZeRO-3 inference ranks)."""
+
     num_ranks: int = 1  # skipped entirely when algo.kl_coef == 0
+    micro_batch_size: int = 8
+    cpus_per_rank: float = 1
+    gpus_per_rank: float = 0
 
 
 @dataclass
@@ -191,7 +200,8 @@ class RewardConfig:
     correctness: str = "exact"  # exact | numeric | choice | anls | judge
     format_weight: float = 0.0
     prune_bonus: PruneBonusConfig = field(default_factory=PruneBonusConfig)
-    num_workers: int = 1
+    num_workers: int = 1  # reward service actors; a batch is split between them
+    cpus_per_worker: float = 1
 
 
 @dataclass
@@ -217,6 +227,10 @@ class TrainerConfig:
     eval_every: int = 10
     eval_samples: int = 64
     log_every: int = 1
+    # GRPO's starting point: "" = the stage-1 export under <output_dir>/glimpse/final; a folder
+    # (a stage-1 export: glimpse_modules/ + base_model.txt, or a stage-2 export: HF weights +
+    # glimpse_modules/); or "mlflow:<registered model name>/<version>".
+    init_from: str = ""
 
 
 @dataclass
@@ -258,6 +272,7 @@ class ClusterConfig:
     num_cpus: int | None = None  # local Ray only
     num_gpus: int | None = None  # local Ray only
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD
+    num_nodes: int = 0  # nodes the job expects to find (0: any); checked before any work
 
 
 @dataclass
@@ -359,10 +374,17 @@ def _validate(cfg: Config) -> None:
                 "sft.total_steps", "sft.eval_every", "sft.prompts_per_step",
                 "sft.turns_per_sample",
                 "glimpse.train_steps", "glimpse.train_eval_every",
-                "glimpse.train_prompts_per_step"]
+                "glimpse.train_prompts_per_step",
+                "reference.num_ranks", "reference.micro_batch_size", "reward.num_workers"]
     for dotted in positive:
         if _get(cfg, dotted) < 1:
             raise ConfigError(f"config key '{dotted}' must be at least 1")
+    non_negative = ["policy.cpus_per_rank", "policy.gpus_per_rank", "reference.cpus_per_rank",
+                    "reference.gpus_per_rank", "rollout.cpus_per_engine",
+                    "rollout.gpus_per_engine", "reward.cpus_per_worker", "cluster.num_nodes"]
+    for dotted in non_negative:
+        if _get(cfg, dotted) < 0:
+            raise ConfigError(f"config key '{dotted}' must not be negative")
     for dotted in ("trainer.prompts_per_step", "trainer.eval_samples", "sft.prompts_per_step",
                    "glimpse.train_prompts_per_step"):
         if _get(cfg, dotted) < cfg.policy.num_ranks:
