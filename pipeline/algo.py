@@ -20,6 +20,15 @@ Departures from textbook GRPO (each is a config choice):
 - The keep mask is part of the action: rows of one group use different keep masks, so a correct
   answer from fewer visual tokens earns a larger advantage through the pruning bonus (a shared
   mask would make the bonus constant within the group, and normalisation would erase it).
+  Each row's mask is drawn per token from sigmoid(vip_logit / rollout.mask_temperature)
+  (rollout.mask_mode=sampled), then fitted to the keep budget (min_keep, max_keep_ratio).
+  The policy and reference replay the row's own mask, so every log-prob is of the sequence vLLM
+  sampled from. With `algo.train_vip` the VIP (and glimpse token) also learn, REINFORCE-style:
+  -advantage x the mask's mean per-token Bernoulli log-likelihood, averaged over rows
+  (actors/policy_grpo.py); the budget's forced tokens are scored as if drawn (approximation).
+  Without it the VIP stays frozen, as in the reference method (only the language model learns).
+- One update per rollout (on-policy): the old log-probs are the current weights' own, so the
+  ratio is 1 in value; there is no PPO-epoch loop.
 """
 
 from __future__ import annotations

@@ -196,10 +196,24 @@ class PruneBonusConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """The LLM judge of reward.correctness=judge: an OpenAI-compatible chat-completions server."""
+
+    url: str = ""  # base URL, e.g. http://127.0.0.1:8000/v1 (POSTs to <url>/chat/completions)
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the key, never the key
+    timeout_s: float = 10
+    retries: int = 2  # extra tries after network errors, HTTP 5xx or 429
+    fallback: str = "exact"  # exact | anls | zero: scores a row the judge could not answer
+    max_workers: int = 8  # concurrent requests per reward worker
+
+
+@dataclass
 class RewardConfig:
     correctness: str = "exact"  # exact | numeric | choice | anls | judge
     format_weight: float = 0.0
     prune_bonus: PruneBonusConfig = field(default_factory=PruneBonusConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     num_workers: int = 1  # reward service actors; a batch is split between them
     cpus_per_worker: float = 1
 
@@ -304,6 +318,7 @@ CHOICES = {
     "policy.lr_schedule": ("cosine", "constant"),
     "reward.correctness": ("exact", "numeric", "choice", "anls", "judge"),
     "reward.prune_bonus.form": ("linear",),
+    "reward.judge.fallback": ("exact", "anls", "zero"),
     "algo.advantage": ("grpo", "drgrpo"),
     "algo.loss_agg": ("token", "sequence"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_SPREAD"),
@@ -375,7 +390,8 @@ def _validate(cfg: Config) -> None:
                 "sft.turns_per_sample",
                 "glimpse.train_steps", "glimpse.train_eval_every",
                 "glimpse.train_prompts_per_step",
-                "reference.num_ranks", "reference.micro_batch_size", "reward.num_workers"]
+                "reference.num_ranks", "reference.micro_batch_size", "reward.num_workers",
+                "reward.judge.max_workers"]
     for dotted in positive:
         if _get(cfg, dotted) < 1:
             raise ConfigError(f"config key '{dotted}' must be at least 1")
@@ -400,6 +416,14 @@ def _validate(cfg: Config) -> None:
     if dense and cfg.data.source != "synthetic":
         raise ConfigError("config key 'sft.dense_loss_weight' needs the synthetic data's "
                           "geometry (data.source=synthetic)")
+    judge = cfg.reward.judge
+    if cfg.reward.correctness == "judge" and not judge.url:
+        raise ConfigError("config key 'reward.judge.url' is required when reward.correctness "
+                          "is 'judge' (e.g. http://127.0.0.1:8000/v1)")
+    if judge.retries < 0:
+        raise ConfigError("config key 'reward.judge.retries' must not be negative")
+    if not judge.timeout_s > 0:
+        raise ConfigError("config key 'reward.judge.timeout_s' must be positive")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"config key 'data.path' is required when data.source is "
                           f"'{cfg.data.source}'")

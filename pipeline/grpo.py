@@ -124,9 +124,9 @@ class Roles:
         chunks = [c for c in _chunks(len(rollout), len(self.rewards)) if len(c)]
         parts = ray.get([w.score.remote(rollout.take(list(c)), texts[c.start:c.stop])
                          for w, c in zip(self.rewards, chunks, strict=False)])
-        merged = {k: [v for part in parts for v in part[k]] for k in parts[0] if k != "errors"}
-        merged["errors"] = sum(part["errors"] for part in parts)
-        return merged
+        # per-row lists are joined; counts ("errors", "judge_fallbacks") are summed
+        return {k: sum(part[k] for part in parts) if isinstance(parts[0][k], int)
+                else [v for part in parts for v in part[k]] for k in parts[0]}
 
     def shutdown(self) -> None:
         import ray
@@ -198,6 +198,7 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dic
         "reward/total": _mean(rewards["total"]), "reward/accuracy": _mean(rewards["accuracy"]),
         "reward/prune_bonus": _mean(rewards["prune_bonus"]),
         "reward/format": _mean(rewards["format"]), "reward/errors": rewards["errors"],
+        "reward/judge_fallbacks": rewards.get("judge_fallbacks", 0),
         "rollout/keep_ratio": sum(kept) / max(sum(visual), 1),
         "rollout/visual_tokens": _mean(visual), "rollout/kept_tokens": _mean(kept),
         "rollout/response_length": new_tokens / max(len(batch), 1),

@@ -53,5 +53,5 @@ def test_failed_rows_and_raising_functions_score_zero_and_are_counted(monkeypatc
 
 
 def test_unknown_correctness_is_a_clear_error():
-    with pytest.raises(ValueError, match="judge"):
-        RewardService(RewardConfig(correctness="judge"))
+    with pytest.raises(ValueError, match="'bogus' is unknown"):
+        RewardService(RewardConfig(correctness="bogus"))
