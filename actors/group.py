@@ -55,13 +55,16 @@ class ActorGroup:
         num_ranks: world size.
         cpus_per_rank / gpus_per_rank: resources of each rank's bundle.
         strategy: placement strategy of the group (PACK, SPREAD, STRICT_SPREAD).
+        resources: custom Ray resources per bundle (pins the ranks to nodes that offer them).
         args / kwargs: further constructor arguments, the same for every rank.
     """
 
     def __init__(self, actor_cls: type, num_ranks: int, *, cpus_per_rank: float = 1,
                  gpus_per_rank: float = 0, strategy: str = "PACK", args: tuple = (),
-                 kwargs: dict | None = None, ready_timeout_s: float = 600):
-        bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+                 kwargs: dict | None = None, ready_timeout_s: float = 600,
+                 resources: dict[str, float] | None = None):
+        bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {}),
+                  **(resources or {})}
         self.placement = placement_group([dict(bundle) for _ in range(num_ranks)],
                                          strategy=strategy)
         ray.get(self.placement.ready(), timeout=ready_timeout_s)
@@ -71,6 +74,7 @@ class ActorGroup:
         remote_cls = ray.remote(actor_cls)
         self.actors = [
             remote_cls.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
+                               resources=resources or None,
                                scheduling_strategy=self._in_bundle(rank)).remote(
                 DistInfo(rank, num_ranks, addr, port, backend), *args, **(kwargs or {}))
             for rank in range(num_ranks)]

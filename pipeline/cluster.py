@@ -54,6 +54,7 @@ class RoleDemand:
     count: int
     cpus: float
     gpus: float
+    custom: tuple[tuple[str, float], ...] = ()  # the role's ray_resources, per bundle
 
 
 def role_demands(cfg: Config) -> list[RoleDemand]:
@@ -63,11 +64,14 @@ def role_demands(cfg: Config) -> list[RoleDemand]:
     rollout bundle is one whole vLLM engine: its tensor-parallel workers share one bundle.
     """
     p, r = cfg.policy, cfg.rollout
-    roles = [RoleDemand("policy", p.num_ranks, p.cpus_per_rank, p.gpus_per_rank),
-             RoleDemand("rollout", r.num_engines, r.cpus_per_engine, r.gpus_per_engine)]
+    roles = [RoleDemand("policy", p.num_ranks, p.cpus_per_rank, p.gpus_per_rank,
+                        tuple(sorted(p.ray_resources.items()))),
+             RoleDemand("rollout", r.num_engines, r.cpus_per_engine, r.gpus_per_engine,
+                        tuple(sorted(r.ray_resources.items())))]
     if cfg.algo.kl_coef > 0:
-        roles.append(RoleDemand("reference", cfg.reference.num_ranks,
-                                cfg.reference.cpus_per_rank, cfg.reference.gpus_per_rank))
+        ref = cfg.reference
+        roles.append(RoleDemand("reference", ref.num_ranks, ref.cpus_per_rank, ref.gpus_per_rank,
+                                tuple(sorted(ref.ray_resources.items()))))
     roles.append(RoleDemand("reward", cfg.reward.num_workers, cfg.reward.cpus_per_worker, 0))
     return roles
 
@@ -93,7 +97,8 @@ def _alive_resources(nodes: list[dict] | None) -> list[dict[str, float]]:
 
 
 def _fits(role: RoleDemand, node: dict[str, float]) -> bool:
-    return role.cpus <= node.get("CPU", 0) and role.gpus <= node.get("GPU", 0)
+    return role.cpus <= node.get("CPU", 0) and role.gpus <= node.get("GPU", 0) and all(
+        amount <= node.get(name, 0) for name, amount in role.custom)
 
 
 def _total_problems(roles: list[RoleDemand], nodes: list[dict[str, float]]) -> list[str]:
@@ -122,8 +127,9 @@ def _placement_problems(cfg: Config, roles: list[RoleDemand],
     for role in roles:
         if role.count > 0 and not any(_fits(role, n) for n in nodes):
             biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+            custom = "".join(f", {amount:g} {name}" for name, amount in role.custom)
             problems.append(f"one {role.name} bundle needs {role.gpus:g} GPUs and "
-                            f"{role.cpus:g} CPUs but no single node has that (largest: "
+                            f"{role.cpus:g} CPUs{custom} but no single node has that (largest: "
                             f"{biggest.get('GPU', 0):g} GPUs, {biggest.get('CPU', 0):g} CPUs)")
     policy = roles[0]  # role_demands lists the policy first
     hosts = sum(_fits(policy, n) for n in nodes)

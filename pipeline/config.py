@@ -146,6 +146,9 @@ class RolloutConfig:
     mask_temperature: float = 1.0
     cpus_per_engine: float = 1
     gpus_per_engine: float = 0  # > 0 on GPU clusters: tensor_parallel_size GPUs per engine
+    # Custom Ray resources each engine needs, e.g. {rollout_node: 1} to pin engines to the
+    # nodes started with `ray start --resources='{"rollout_node": 8}'`.
+    ray_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,6 +180,7 @@ class PolicyConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     cpus_per_rank: float = 1
     gpus_per_rank: float = 0  # 1 on GPU clusters (the ranks then talk over NCCL)
+    ray_resources: dict[str, float] = field(default_factory=dict)  # per rank, as rollout's
 
 
 @dataclass
@@ -187,6 +191,7 @@ class ReferenceConfig:
     micro_batch_size: int = 8
     cpus_per_rank: float = 1
     gpus_per_rank: float = 0
+    ray_resources: dict[str, float] = field(default_factory=dict)  # per rank, as rollout's
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 Owns the order of the demo's stages, its short step budgets and its report. Today that is:
 build the tiny Qwen2.5-VL and the synthetic splits, a short SFT warm start, a short stage 1
-(glimpse token + VIP), a look at what the pruner keeps (PNG), and greedy answers from the SFT
-model through transformers and through vLLM compared token for token. All stages are child runs
-of one MLflow "demo" run. GRPO joins when it lands (F6). Must not hold stage logic of its own.
+(glimpse token + VIP), a short GRPO (stage 2: vLLM rollouts on sampled keep masks, reward with
+the pruning bonus, ZeRO-3 policy + reference, weight sync), a look at what the pruner keeps
+(PNG), and greedy answers from the SFT model through transformers and through vLLM compared
+token for token. All stages are child runs of one MLflow "demo" run. Must not hold stage logic
+of its own.
 
     python -m pipeline.demo --config configs/tiny.yaml [dotted.key=value ...]
 
@@ -24,6 +26,7 @@ from pipeline.config import parse_args
 # Short enough for a CPU box in a few minutes; the full recipes are the configs' own numbers.
 DEMO_BUDGET = ["sft.total_steps=60", "sft.eval_every=60", "glimpse.train_steps=30",
                "glimpse.train_eval_every=30", "trainer.eval_samples=32",
+               "trainer.total_steps=4", "trainer.eval_every=4", "trainer.prompts_per_step=4",
                "data.synthetic.num_train=400", "data.synthetic.num_validation=64",
                "data.synthetic.num_test=64", "checkpoint.every_steps=1000"]
 CHANCE = {"color": 1 / 7, "shape": 1 / 4, "number": 1 / 10}  # uniform guess over the answers
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from glimpseprune.look import look
     from glimpseprune.tiny import resolve_base_model
-    from pipeline import glimpse, sft
+    from pipeline import glimpse, grpo, sft
     from pipeline.data import load_split
     from pipeline.prompts import normalise_answer
     from pipeline.tracking import Tracker
@@ -104,6 +107,14 @@ def main(argv: list[str] | None = None) -> None:
                f"{g_summary['eval/keep_ratio']:.3f}, box recall {g_summary['eval/box_recall']:.3f}"
                f" ({timer() - t0:.0f} s)")
 
+    t0 = timer()
+    r_summary = grpo.run(replace(g_cfg, trainer=replace(
+        cfg.trainer, init_from=str(g_summary["export"]))), parent_run_id=parent.run_id)
+    did.append(f"grpo (stage 2): {cfg.trainer.total_steps} steps x {cfg.trainer.prompts_per_step}"
+               f" prompts x {cfg.rollout.n} samples, held-out accuracy "
+               f"{r_summary['eval/accuracy']:.3f} at keep ratio {r_summary['eval/keep_ratio']:.3f}"
+               f" ({timer() - t0:.0f} s) -> {r_summary['export']}")
+
     rows = [splits["validation"][0][i] for i in range(min(16, len(splits["validation"][0])))]
     rows[0]["image"].save(out / "demo_image.png")
     seen = look(str(tuned), str(out / "demo_image.png"), rows[0]["question"], str(out),
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     same = sum(a == b for a, b in zip(hf_ids, vllm_ids, strict=True))
     did.append(f"vLLM vs transformers on the SFT model, {len(rows)} questions: {same} identical "
                f"greedy answers ({timer() - t0:.0f} s)")
-    summary = {"sft": sft_summary, "glimpse": g_summary, "look": seen,
+    summary = {"sft": sft_summary, "glimpse": g_summary, "grpo": r_summary, "look": seen,
                "validation_questions": len(rows), "accuracy_transformers": accuracy(hf_ids),
                "accuracy_vllm": accuracy(vllm_ids), "same_tokens_vllm_vs_transformers": same,
                "chance": sum(CHANCE.get(r.get("question_type"), 0.0) for r in rows) / len(rows),
@@ -134,10 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n== demo: what ran ==")
     for line in did:
         print(" -", line)
-    print(" - not run yet: GRPO (stage 2) with vLLM rollouts: issues F5, F6")
     print(f" - note: demo budgets are short ({' '.join(DEMO_BUDGET[:3])} ...), so accuracy stays"
           " near chance; the full warm-start recipe is F4's")
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("sft", "glimpse", "look")},
+    print(json.dumps({k: v for k, v in summary.items()
+                      if k not in ("sft", "glimpse", "grpo", "look")},
                      indent=2))
     print(f"(summary written to {out / 'demo_summary.json'})")
 

@@ -1,12 +1,21 @@
 """Held-out evaluation of a GlimpsePrune model: answers with and without pruning, keep ratio,
-and recall of the target-box tokens.
+recall of the target-box tokens, and the grounding checks of the embedded default.
 
 Owns the evaluation rows' batching, greedy generation through GlimpsePruneModel (exact pruned
-prefill) with the keep rule and with every token kept, and the figures stage 1 reports. Must not
-train. (The full `python -m pipeline.evaluate` with fixed-ratio baselines and latency is F6/F7.)
+prefill) with the keep rule, with every token kept, with only the target-box tokens and with
+every token but those; per-question-type accuracy against chance levels; and the
+`python -m pipeline.evaluate` command that writes them as JSON. Must not train. (Fixed-ratio
+baselines, latency and memory columns are not built yet.)
+
+    python -m pipeline.evaluate --config configs/tiny.yaml [--model DIR] [--modules DIR]
+        [--split test] [--limit N] [dotted.key=value ...]
 """
 
 from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 
@@ -56,3 +65,119 @@ def evaluate_glimpse(model, processor, rows: list[dict], max_new_tokens: int = 8
             "eval/accuracy_unpruned": sum(hits["full"]) / len(rows),
             "eval/keep_ratio": kept / max(visual, 1),
             "eval/box_recall": target_kept / max(target, 1)}
+
+
+# Answers each synthetic question type can have: uniform chance is one over their count.
+ANSWER_COUNTS = {"color": 7, "shape": 4, "number": 10}
+
+
+def chance_levels(test_rows: list[dict], train_answers: dict[str, Counter]) -> dict[str, float]:
+    """Per type and overall: uniform chance (1 / possible answers) and the prior baseline
+    (always the type's most common TRAIN answer, scored on the test rows)."""
+    out, uniform, prior = {}, [], []
+    by_type = defaultdict(list)
+    for row in test_rows:
+        by_type[row["question_type"]].append(row)
+    for qtype, rows in sorted(by_type.items()):
+        common = train_answers[qtype].most_common(1)[0][0] if train_answers[qtype] else ""
+        hits = [normalise_answer(r["answer"]) == normalise_answer(common) for r in rows]
+        out[f"chance_uniform/{qtype}"] = 1.0 / ANSWER_COUNTS.get(qtype, 1)
+        out[f"chance_prior/{qtype}"] = sum(hits) / len(rows)
+        uniform += [1.0 / ANSWER_COUNTS.get(qtype, 1)] * len(rows)
+        prior += hits
+    out["chance_uniform"] = sum(uniform) / max(len(uniform), 1)
+    out["chance_prior"] = sum(prior) / max(len(prior), 1)
+    return out
+
+
+def _box_masks(rows: list[dict], grids: torch.Tensor) -> list[torch.Tensor]:
+    from glimpseprune.grid import boxes_to_token_mask
+
+    return [torch.as_tensor(boxes_to_token_mask(
+        row["boxes"], (row["image"].height, row["image"].width),
+        (int(grid[1]) // 2, int(grid[2]) // 2)).ravel()) for row, grid in zip(rows, grids,
+                                                                            strict=True)]
+
+
+def evaluate_grounding(model, processor, rows: list[dict], max_new_tokens: int = 8,
+                       batch_size: int = 8, with_pruning: bool = False) -> dict[str, float]:
+    """Greedy exact match per question type with every visual token ("full"), only the target
+    box's tokens ("box_only"), every token but those ("no_box") and, with `with_pruning`, the
+    keep rule of the model's VIP ("pruned", plus its keep ratio)."""
+    processor.tokenizer.padding_side = "left"
+    hits: dict[str, list[tuple[str, bool]]] = defaultdict(list)
+    kept = visual = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        inputs = dict(processor(text=[prompt_text(processor, r["question"]) for r in chunk],
+                                images=[r["image"] for r in chunk], padding=True,
+                                return_tensors="pt"))
+        inputs.pop("mm_token_type_ids", None)
+        box = _box_masks(chunk, inputs["image_grid_thw"])
+        modes = {"full": [None] * len(chunk), "box_only": box, "no_box": [~m for m in box]}
+        if with_pruning:
+            modes["pruned"] = None  # the keep rule decides
+        for mode, masks in modes.items():
+            with torch.no_grad():
+                out = model.generate(inputs, max_new_tokens=max_new_tokens, keep_masks=masks)
+            for row, tokens in zip(chunk, out.tokens, strict=True):
+                answer = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+                hits[mode].append((row["question_type"],
+                                   normalise_answer(answer) == normalise_answer(row["answer"])))
+            if mode == "pruned":
+                kept += sum(int(m.sum()) for m in out.keep_masks)
+                visual += sum(m.numel() for m in out.keep_masks)
+    result = {}
+    for mode, pairs in hits.items():
+        result[f"{mode}/accuracy"] = sum(h for _, h in pairs) / len(pairs)
+        for qtype in sorted({t for t, _ in pairs}):
+            of_type = [h for t, h in pairs if t == qtype]
+            result[f"{mode}/accuracy/{qtype}"] = sum(of_type) / len(of_type)
+    if with_pruning:
+        result["pruned/keep_ratio"] = kept / max(visual, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoProcessor
+
+    from glimpseprune.model import GlimpsePruneModel
+    from glimpseprune.tiny import resolve_base_model
+    from pipeline.config import parse_args
+    from pipeline.data import load_split
+
+    def options(parser) -> None:
+        parser.add_argument("--model", default="", help="HF folder (default: model.path or "
+                                                         "the tiny base)")
+        parser.add_argument("--modules", default="", help="glimpse modules folder: also "
+                                                           "evaluate pruning with its keep rule")
+        parser.add_argument("--split", default="test")
+        parser.add_argument("--limit", type=int, default=0, help="first N rows (0: all)")
+
+    cfg, args = parse_args(argv, "Held-out accuracy, grounding checks and chance levels.",
+                           options)
+    model_dir = Path(args.model) if args.model else resolve_base_model(cfg.model, cfg.output_dir)
+    rows, report = load_split(cfg.data, args.split, cfg.output_dir)
+    rows = [rows[i] for i in range(min(args.limit or len(rows), len(rows)))]
+    train, _ = load_split(cfg.data, "train", cfg.output_dir)
+    train_answers: dict[str, Counter] = defaultdict(Counter)
+    for qtype, answer in zip(train["question_type"], train["answer"], strict=True):
+        train_answers[qtype][normalise_answer(answer)] += 1
+    model = GlimpsePruneModel.from_pretrained(model_dir, cfg.glimpse,
+                                              modules_path=args.modules or None)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    result = {"model": str(model_dir), "modules": args.modules, "split": args.split,
+              "rows": len(rows), "skipped": report.skipped,
+              **chance_levels(rows, train_answers),
+              **evaluate_grounding(model, processor, rows, cfg.rollout.max_new_tokens,
+                                   with_pruning=bool(args.modules))}
+    out = Path(cfg.output_dir) / "evaluate" / f"{args.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for key, value in result.items():
+        print(f"{key:32s} {value:.3f}" if isinstance(value, float) else f"{key:32s} {value}")
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -76,6 +76,8 @@ class Roles:
 
     def __init__(self, cfg: Config, base: Path, glimpse_cfg, total_steps: int):
         import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from actors.group import ActorGroup
         from actors.policy import PolicyActor
@@ -85,26 +87,49 @@ class Roles:
         from rewards.service import RewardService
 
         p, r, strategy = cfg.policy, cfg.rollout, cfg.cluster.placement_strategy
+        # The policy first: under PACK its ranks claim whole nodes before the smaller roles
+        # fragment them.
+        self.policy = ActorGroup(
+            PolicyActor, p.num_ranks, cpus_per_rank=p.cpus_per_rank, gpus_per_rank=p.gpus_per_rank,
+            strategy=strategy, resources=dict(p.ray_resources),
+            args=(p, cfg.model, str(base), cfg.trainer.seed, total_steps),
+            kwargs={"grpo": {"glimpse": glimpse_cfg, "algo": cfg.algo,
+                             "mask_temperature": r.mask_temperature}})
+        self.reference = None
+        if cfg.algo.kl_coef > 0:
+            ref = cfg.reference
+            self.reference = ActorGroup(
+                ReferenceActor, ref.num_ranks, cpus_per_rank=ref.cpus_per_rank,
+                gpus_per_rank=ref.gpus_per_rank, strategy=strategy,
+                resources=dict(ref.ray_resources),
+                args=(ref, cfg.model, glimpse_cfg, str(base)))
+        bundle = {"CPU": r.cpus_per_engine, **({"GPU": r.gpus_per_engine} if r.gpus_per_engine
+                                               else {}), **dict(r.ray_resources)}
+        self.rollout_placement = placement_group([dict(bundle)] * r.num_engines,
+                                                 strategy=strategy)
+        ray.get(self.rollout_placement.ready(), timeout=600)
         self.rollouts = [ray.remote(RolloutActor).options(
-            num_cpus=r.cpus_per_engine, num_gpus=r.gpus_per_engine).remote(
+            num_cpus=r.cpus_per_engine, num_gpus=r.gpus_per_engine,
+            resources=dict(r.ray_resources) or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.rollout_placement, placement_group_bundle_index=i)).remote(
             str(base), cfg.model, glimpse_cfg, r, seed=cfg.trainer.seed + i,
             max_image_pixels=cfg.data.max_image_pixels) for i in range(r.num_engines)]
         self.rewards = [ray.remote(RewardService).options(
             num_cpus=cfg.reward.cpus_per_worker).remote(cfg.reward)
             for _ in range(cfg.reward.num_workers)]
-        self.reference = None
-        if cfg.algo.kl_coef > 0:
-            self.reference = ActorGroup(
-                ReferenceActor, cfg.reference.num_ranks, cpus_per_rank=cfg.reference.cpus_per_rank,
-                gpus_per_rank=cfg.reference.gpus_per_rank, strategy=strategy,
-                args=(cfg.reference, cfg.model, glimpse_cfg, str(base)))
-        self.policy = ActorGroup(
-            PolicyActor, p.num_ranks, cpus_per_rank=p.cpus_per_rank, gpus_per_rank=p.gpus_per_rank,
-            strategy=strategy,
-            args=(p, cfg.model, str(base), cfg.trainer.seed, total_steps),
-            kwargs={"grpo": {"glimpse": glimpse_cfg, "algo": cfg.algo,
-                             "mask_temperature": r.mask_temperature}})
         self.weight_sync = WeightSync(self.policy, self.rollouts)
+
+    def placement(self) -> dict[str, list[str]]:
+        """The Ray node id of every rank / engine, from Ray's placement group tables."""
+        import ray
+
+        table = ray.util.placement_group_table(self.rollout_placement)
+        out = {"policy": self.policy.node_ids(),
+               "rollout": [table["bundles_to_node_id"][i] for i in range(len(self.rollouts))]}
+        if self.reference is not None:
+            out["reference"] = self.reference.node_ids()
+        return out
 
     def generate(self, prompts: PromptBatch, n: int, greedy: bool = False) -> RolloutBatch:
         """Prompts split over the engines, generated in parallel, rows back in prompt order."""
@@ -142,6 +167,7 @@ class Roles:
         for group in (self.reference, self.policy):
             if group is not None:
                 group.shutdown()
+        ray.util.remove_placement_group(self.rollout_placement)
 
 
 def _mean(values: list[float]) -> float:
@@ -259,6 +285,8 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     tracker.log({"data/skipped": report.skipped}, 0)
     total = cfg.trainer.total_steps
     roles = Roles(cfg, base, glimpse_cfg, total)
+    placement = roles.placement()  # Ray node id per rank / engine: the record of where work ran
+    tracker.client.set_tag(tracker.run_id, "placement", json.dumps(placement))
     checkpoints = Checkpointer(out / "checkpoints" / "grpo", cfg.checkpoint.keep_last)
     try:
         start, position = 0, 0
@@ -296,7 +324,8 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
         version = tracker.log_checkpoint(export, "checkpoint",
                                          f"{cfg.tracking.experiment}-grpo", tags)
         summary = {"stage": "grpo", "steps": total, "export": str(export),
-                   "mlflow_run_id": tracker.run_id, "model_version": version, **evaluation}
+                   "mlflow_run_id": tracker.run_id, "model_version": version,
+                   "placement": placement, **evaluation}
         (out / "grpo" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     except BaseException:
         tracker.finish("FAILED")
