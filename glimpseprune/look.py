@@ -60,6 +60,8 @@ def look(model_dir: str, image_path: str, question: str, out_dir: str,
         image = Image.open(image_path).convert("RGB")
     except (OSError, ValueError) as exc:
         raise SystemExit(f"look: cannot read image {image_path!r}: {exc}") from None
+    if modules_dir is None and (Path(model_dir) / "glimpse_modules").is_dir():
+        modules_dir = str(Path(model_dir) / "glimpse_modules")  # a stage-2 export carries them
     model = GlimpsePruneModel.from_pretrained(model_dir, glimpse_cfg, modules_path=modules_dir)
     inputs = processor(text=[prompt_text(processor, question)], images=[image],
                        return_tensors="pt")
@@ -81,7 +83,8 @@ def look(model_dir: str, image_path: str, question: str, out_dir: str,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Show what a GlimpsePrune model keeps.")
     parser.add_argument("--model", required=True, help="base Qwen2.5-VL checkpoint folder")
-    parser.add_argument("--modules", default=None, help="saved glimpse modules folder")
+    parser.add_argument("--modules", default=None, help="saved glimpse modules folder "
+                        "(default: MODEL/glimpse_modules when it exists, else untrained)")
     parser.add_argument("--image", required=True)
     parser.add_argument("--question", required=True)
     parser.add_argument("--out", default=".", help="folder for the PNG (default: here)")
