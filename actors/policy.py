@@ -148,14 +148,16 @@ class PolicyActor:
     def _init_grpo(self, deepspeed, model_path, dtype, seed, total_steps, bf16):
         from glimpseprune.model import GlimpsePruneModel
 
-        if self.cfg.lora.enabled:
-            raise NotImplementedError("policy.lora with GRPO is not built yet: the replay forward "
-                                      "needs the adapters inside GlimpsePruneModel's base")
         model = GlimpsePruneModel.from_pretrained(model_path, self.grpo["glimpse"], dtype=dtype,
                                                   seed=seed)
-        model.base.requires_grad_(True)
-        if self.cfg.freeze_vision:
-            model.base.model.visual.requires_grad_(False)
+        if self.cfg.lora.enabled:
+            from actors.lora import inject_lora
+
+            inject_lora(model.base, self.cfg.lora)  # only the adapters train
+        else:
+            model.base.requires_grad_(True)
+            if self.cfg.freeze_vision:
+                model.base.model.visual.requires_grad_(False)
         model.glimpse_modules.requires_grad_(self.grpo["algo"].train_vip)
         if self.cfg.gradient_checkpointing:
             model.base.gradient_checkpointing_enable()
@@ -451,21 +453,30 @@ class PolicyActor:
         import deepspeed
         import ray
 
-        named = [(n, p) for n, p in self.engine.module.named_parameters()
-                 if p.requires_grad and not n.startswith("dense_heads.")]
+        from actors.lora import layer_params, lora_layers, merged_weight
+
+        module = self.engine.module
+        # (name to send, parameters to gather, how to make the tensor): LoRA layers go merged
+        # under the base's own names; other trainable parameters go as they are.
+        items = [(f"{n}.weight", layer_params(m), lambda m=m: merged_weight(m))
+                 for n, m in lora_layers(module)] if self.cfg.lora.enabled else []
+        items += [(n, [p], lambda p=p: p.detach().to("cpu", copy=True))
+                  for n, p in module.named_parameters()
+                  if p.requires_grad and ".lora_" not in n and not n.startswith("dense_heads.")]
         buckets, current, size = [], [], 0
-        for name, param in named:
-            current.append((name, param))
-            size += getattr(param, "ds_numel", param.numel())
+        for item in items:
+            current.append(item)
+            size += sum(getattr(p, "ds_numel", p.numel()) for p in item[1])
             if size >= bucket_numel:
                 buckets.append(current)
                 current, size = [], 0
         buckets += [current] if current else []
         refs = []
         for bucket in buckets:
-            with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+            params = [p for _, group, _ in bucket for p in group]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if self.dist.rank == 0:
-                    refs.append(ray.put({n: p.detach().to("cpu", copy=True) for n, p in bucket}))
+                    refs.append(ray.put({name: make() for name, _, make in bucket}))
         return refs
 
     @staticmethod
@@ -491,7 +502,11 @@ class PolicyActor:
             if self.dist.rank == 0:
                 with atomic_folder(folder) as tmp:
                     if self.grpo is not None:
-                        module.base.save_pretrained(tmp, safe_serialization=True)
+                        from actors.lora import merged_state_dict
+
+                        state = merged_state_dict(module.base) if self.cfg.lora.enabled else None
+                        module.base.save_pretrained(tmp, state_dict=state,
+                                                    safe_serialization=True)
                         save_modules(module.glimpse_modules, tmp / "glimpse_modules")
                     elif self.cfg.lora.enabled:
                         self._save_merged_lora(module, str(tmp))
