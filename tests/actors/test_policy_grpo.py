@@ -58,7 +58,7 @@ def cfg(tiny_model_dir, tmp_path_factory):
     cfg = load_config("configs/tiny.yaml", [
         "policy.num_ranks=1", "policy.lr=1e-2", "policy.warmup_ratio=0",
         "policy.lr_schedule=constant", "algo.kl_coef=0", "algo.clip_low=0.99",
-        "algo.clip_high=100"])
+        "algo.clip_high=100", "algo.train_vip=false"])
     modules = tmp_path_factory.mktemp("grpo_modules") / "glimpse_modules"
     save_modules(GlimpsePruneModel.from_pretrained(tiny_model_dir, cfg.glimpse, seed=0)
                  .glimpse_modules, modules)

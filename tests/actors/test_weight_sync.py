@@ -38,7 +38,8 @@ def ray_local():
 def _config(lora: bool):
     return load_config("configs/tiny.yaml", [
         "policy.num_ranks=1", "policy.lr=1e-2", "policy.warmup_ratio=0", "algo.kl_coef=0",
-        "rollout.max_new_tokens=6", f"policy.lora.enabled={str(lora).lower()}"])
+        "rollout.max_new_tokens=6", f"policy.lora.enabled={str(lora).lower()}",
+        "algo.train_vip=false"])
 
 
 def _start_rollout(model_dir, cfg, glimpse_cfg):
