@@ -205,10 +205,17 @@ class PolicyActor:
         for j, seq in enumerate(seqs):
             input_ids[j, :len(seq)] = torch.tensor(seq)
             attention[j, :len(seq)] = 1
+        # mm_token_type_ids (1 on image tokens) is what lets transformers build the M-RoPE
+        # (t, h, w) ids; without it Qwen2.5-VL silently falls back to 1-D positions, which is
+        # not what generation, the pruned prefill or vLLM use.
         inputs = {"input_ids": input_ids, "attention_mask": attention,
-                  "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)}
+                  "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids),
+                  "mm_token_type_ids": (input_ids == self._image_token_id()).long()}
         # (row order = image order: one image per prompt, rows in `rows` order)
         return {k: v.to(self.device) for k, v in inputs.items()}, spans
+
+    def _image_token_id(self) -> int:
+        return self.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
     def _response_logprobs(self, batch: RolloutBatch, rows: range) -> list[torch.Tensor]:
         """Log-probs [T_i] of each row's response tokens (and the argmax hits, for eval)."""
