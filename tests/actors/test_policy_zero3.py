@@ -140,9 +140,40 @@ def test_lora_trains_adapters_and_exports_merged_hf_weights(ray_local, tiny_mode
         enc = processor(text=[prompt_text(processor, row.questions[0])], images=[row.images[0]],
                         return_tensors="pt")
         ids = torch.cat([enc["input_ids"], torch.tensor([batch.response_ids[0]])], 1)
+        # mm_token_type_ids: M-RoPE (t, h, w) ids, as the trainer uses (1-D without it).
+        image_token = merged_model.config.image_token_id
         logits = merged_model(input_ids=ids, pixel_values=enc["pixel_values"],
-                              image_grid_thw=enc["image_grid_thw"]).logits[0]
+                              image_grid_thw=enc["image_grid_thw"],
+                              mm_token_type_ids=(ids == image_token).long()).logits[0]
         n = len(batch.response_ids[0])
         logp = torch.log_softmax(logits[-n - 1:-1], -1).gather(
             -1, torch.tensor(batch.response_ids[0])[:, None])[:, 0]
     assert torch.allclose(logp, torch.tensor(after[0]), atol=1e-4)
+
+
+def test_trainer_logprobs_use_mrope_positions_like_the_pruned_forward(ray_local, tiny_model_dir):
+    """The SFT trainer's forward must place tokens as generation, the pruned prefill and vLLM
+    do (M-RoPE (t, h, w) ids). Regression: without mm_token_type_ids transformers 5 silently
+    used 1-D positions, so a base trained that way answered differently at inference."""
+    from transformers import AutoProcessor
+
+    from actors.batching import prompt_inputs
+    from actors.group import ActorGroup
+    from actors.policy import PolicyActor
+    from glimpseprune.model import GlimpsePruneModel
+
+    cfg = load_config("configs/tiny.yaml")
+    batch = _batch(tiny_model_dir, rows=3)
+    group = ActorGroup(PolicyActor, 1, args=(cfg.policy, cfg.model, str(tiny_model_dir), 0, 10))
+    try:
+        trainer = group.run("compute_logprobs", batch)[0]
+    finally:
+        group.shutdown()
+    model = GlimpsePruneModel.from_pretrained(tiny_model_dir, cfg.glimpse)
+    inputs = prompt_inputs(AutoProcessor.from_pretrained(tiny_model_dir), batch, range(3),
+                           torch.device("cpu"))
+    with torch.no_grad():
+        replay = model.replay_logprobs(inputs, [None] * 3, batch.response_ids)
+    diff = max((torch.tensor(t) - r).abs().max().item() for t, r in zip(trainer, replay,
+                                                                         strict=True))
+    assert diff < 1e-4, diff  # was ~1e-2 on a random model, ~1 on a trained one
