@@ -18,7 +18,8 @@ def test_demo_runs_and_engines_agree(tmp_path):
          f"output_dir={tmp_path}", "data.synthetic.num_train=16",
          "data.synthetic.num_validation=6", "data.synthetic.num_test=2", "sft.total_steps=3",
          "sft.eval_every=3", "glimpse.train_steps=2", "glimpse.train_eval_every=2",
-         "trainer.eval_samples=4"],
+         "trainer.eval_samples=4", "trainer.total_steps=1", "trainer.prompts_per_step=2",
+         "rollout.n=2"],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "== demo: what ran ==" in out.stdout
@@ -28,6 +29,8 @@ def test_demo_runs_and_engines_agree(tmp_path):
     assert summary["same_tokens_vllm_vs_transformers"] == 6
     assert 0.0 < summary["chance"] < 0.3
     assert summary["sft"]["steps"] == 3 and summary["glimpse"]["steps"] == 2
+    assert summary["grpo"]["steps"] == 1
+    assert (tmp_path / "grpo" / "final" / "glimpse_modules").is_dir()
     assert (tmp_path / "sft" / "final" / "model.safetensors").is_file()
     assert (tmp_path / "glimpse" / "final" / "glimpse_modules").is_dir()
     assert Path(summary["look"]["png"]).is_file()
@@ -39,7 +42,7 @@ def test_demo_runs_and_engines_agree(tmp_path):
     parent = summary["mlflow_parent_run_id"]
     children = {r.data.tags["stage"] for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent}
-    assert children == {"sft", "glimpse"}
+    assert children == {"sft", "glimpse", "grpo"}
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
