@@ -300,7 +300,9 @@ class PolicyActor:
             tokens, and the dense heads' accuracies when they ran.
         """
         if loss in ("glimpse_box", "glimpse_distill", "glimpse_box+distill"):
-            return self._glimpse_step(batch, loss)
+            from actors.policy_glimpse import glimpse_step
+
+            return glimpse_step(self, batch, loss)
         if loss == "grpo":
             from actors.policy_grpo import grpo_step
 
@@ -345,70 +347,6 @@ class PolicyActor:
 
     def _prompt_inputs(self, batch: RolloutBatch, rows: range) -> dict:
         return prompt_inputs(self.processor, batch, rows, self.device)
-
-    def _box_targets(self, batch: RolloutBatch, rows: range, grids: torch.Tensor) -> list:
-        from glimpseprune.grid import boxes_to_token_mask
-
-        targets = []
-        for i, grid in zip(rows, grids, strict=True):
-            p = batch.prompt_index_B[i]
-            image = batch.prompts.images[p]
-            if not batch.prompts.boxes[p]:
-                targets.append(None)
-                continue
-            mask = boxes_to_token_mask(batch.prompts.boxes[p], (image.height, image.width),
-                                       (int(grid[1]) // 2, int(grid[2]) // 2))
-            targets.append(torch.as_tensor(mask.ravel(), device=self.device))
-        return targets
-
-    def _glimpse_step(self, batch: RolloutBatch, loss: str) -> dict[str, float]:
-        """Stage 1: "glimpse_box" (Dice + 0.1 BCE against the target-box token masks),
-        "glimpse_distill" (glimpseprune.distill: soft-pruned vs unpruned answers + sparsity,
-        on the rows' response tokens) or their sum "glimpse_box+distill". Keep ratio and box
-        recall use the keep rule."""
-        from glimpseprune.distill import distill_losses
-        from glimpseprune.keep import keep_masks_for_batch
-        from glimpseprune.losses import box_loss
-
-        self.engine.train()
-        rows_total = torch.tensor([float(len(batch))])
-        torch.distributed.all_reduce(rows_total)
-        sums = torch.zeros(5)  # loss, kept tokens, visual tokens, target tokens (kept, all)
-        micro = self._micro_batches(batch)
-        module = self.engine.module
-        for k, (rows, weight) in enumerate(micro):
-            self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-            inputs = self._prompt_inputs(batch, rows)
-            vip_logits = self.engine(**inputs)  # through the engine: ZeRO-3 counts micro-steps
-            targets = self._box_targets(batch, rows, inputs["image_grid_thw"])
-            losses = torch.zeros(len(rows))
-            if "box" in loss:
-                if any(t is None for t in targets):
-                    raise ValueError(f"{loss} got a row without boxes")
-                losses = losses + torch.stack([box_loss(v, t) for v, t in
-                                               zip(vip_logits, targets, strict=True)])
-            if "distill" in loss:
-                losses = losses + distill_losses(module, inputs,
-                                                 [batch.response_ids[i] for i in rows],
-                                                 self.glimpse_cfg.train_sparsity, vip_logits)[0]
-            self.engine.backward(weight * losses.sum() / rows_total.item() * self.dist.world_size,
-                                 scale_wrt_gas=False)
-            if not weight:
-                continue  # a padding micro-batch (see _micro_batches): counts nothing
-            keep = keep_masks_for_batch([v.detach() for v in vip_logits], module.threshold,
-                                        module.min_keep, module.max_keep_ratio)
-            for m, t, l_ in zip(keep, targets, losses, strict=True):
-                hit, total = (0.0, 0.0) if t is None else (float((m & t.bool()).sum()),
-                                                            float(t.sum()))
-                sums += torch.tensor([float(l_), float(m.sum()), float(m.numel()), hit, total])
-        lr = self.scheduler.get_last_lr()[0]
-        self.engine.step()
-        torch.distributed.all_reduce(sums)
-        grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": float(sums[0] / rows_total), "lr": float(lr),
-                "keep_ratio": float(sums[1] / sums[2]),
-                "box_recall": float(sums[3] / sums[4]) if sums[4] else float("nan"),
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     def export_glimpse(self, folder: str) -> None:
         """Writes the glimpse modules (safetensors + JSON) to `folder` from rank 0. Collective."""
