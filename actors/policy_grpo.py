@@ -62,7 +62,8 @@ def grpo_step(actor, batch) -> dict[str, float]:
 
     Returns:
         loss, kl, clip_frac, logprob_abs_diff (mean |trainer - vLLM| per token), vip_loss,
-        lr, grad_norm, tokens: global means over every rank's rows.
+        entropy (mean per-token entropy of the policy), lr, grad_norm, tokens: global means
+        over every rank's rows.
     """
     cfg = actor.grpo["algo"]
     engine = actor.engine
@@ -70,16 +71,17 @@ def grpo_step(actor, batch) -> dict[str, float]:
     global_tokens, global_rows = _global_counts(batch, actor.dist.world_size)
     # The global normaliser: token-level aggregation divides by every token of the step,
     # sequence-level by every row; each micro-batch scales its own mean by its share.
-    sums = torch.zeros(6)  # loss, kl, clip tokens, |diff| sum, vip loss, tokens
+    sums = torch.zeros(7)  # loss, kl, clip tokens, |diff| sum, vip loss, tokens, entropy sum
     micro = actor._micro_batches(batch)
     ref = batch.extras.get("ref_logprobs")
     for k, (rows, weight) in enumerate(micro):
         engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
         inputs = actor._prompt_inputs(batch, rows)
+        entropies: list[torch.Tensor] = []
         logprobs, vip_logits = engine(
             response_ids=[list(batch.response_ids[i]) for i in rows],
             keep_masks=keep_masks_of(batch, rows, actor.device), with_vip=cfg.train_vip,
-            **inputs)
+            entropies=entropies, **inputs)
         logp_BT, mask_BT = _pad(logprobs, logprobs[0])
         old_BT = logp_BT.detach()
         rollout_BT, _ = _pad([batch.rollout_logprobs[i] for i in rows], old_BT)
@@ -104,7 +106,8 @@ def grpo_step(actor, batch) -> dict[str, float]:
         diff = float(((old_BT - rollout_BT).abs() * mask_BT).sum())
         sums += weight * torch.tensor([float(loss.detach()) * share, stats["kl"] * tokens,
                                        stats["clip_frac"] * tokens, diff,
-                                       float(vip_sum.detach()), tokens])
+                                       float(vip_sum.detach()), tokens,
+                                       float(sum(e.sum() for e in entropies))])
     lr = actor.scheduler.get_last_lr()[0]
     engine.step()
     if actor.dist.world_size > 1:
@@ -112,7 +115,8 @@ def grpo_step(actor, batch) -> dict[str, float]:
     grad_norm = engine.get_global_grad_norm()
     return {"loss": float(sums[0]), "kl": float(sums[1] / sums[5]),
             "clip_frac": float(sums[2] / sums[5]), "logprob_abs_diff": float(sums[3] / sums[5]),
-            "vip_loss": float(sums[4] / global_rows), "lr": float(lr), "tokens": global_tokens,
+            "vip_loss": float(sums[4] / global_rows), "entropy": float(sums[6] / sums[5]),
+            "lr": float(lr), "tokens": global_tokens,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
 

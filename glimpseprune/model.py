@@ -130,16 +130,17 @@ class GlimpsePruneModel(nn.Module):
                    glimpse_cfg.max_keep_ratio)
 
     def forward(self, response_ids: list[list[int]] | None = None, keep_masks: list | None = None,
-                with_vip: bool = False, **inputs):
+                with_vip: bool = False, entropies: list | None = None, **inputs):
         """The training forward a DeepSpeed engine calls (one call per micro-batch).
 
         Without `response_ids` (stage 1): per row, [V_b] VIP logits. With them (stage 2): the
-        replay log-probs of the responses on their keep masks (`replay_logprobs`), and the VIP
-        logits too when `with_vip` (GRPO's mask log-likelihood term), else None.
+        replay log-probs of the responses on their keep masks (`replay_logprobs`; per-token
+        entropies appended to `entropies` when it is a list), and the VIP logits too when
+        `with_vip` (GRPO's mask log-likelihood term), else None.
         """
         if response_ids is None:
             return self.vip_logits(inputs)
-        logprobs = self.replay_logprobs(inputs, keep_masks, response_ids)
+        logprobs = replay_logprobs(self.base, inputs, keep_masks, response_ids, entropies)
         return logprobs, (self.vip_logits(inputs) if with_vip else None)
 
     def stage1(self) -> GlimpsePruneModel:

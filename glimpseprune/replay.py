@@ -52,8 +52,8 @@ def pruned_sequences(base, inputs: dict, keep_masks: list, response_ids: list[li
     return embeds_BSD, positions_3BS, valid_BS, [len(r) for r in response_ids]
 
 
-def replay_logprobs(base, inputs: dict, keep_masks: list,
-                    response_ids: list[list[int]]) -> list[torch.Tensor]:
+def replay_logprobs(base, inputs: dict, keep_masks: list, response_ids: list[list[int]],
+                    entropies: list | None = None) -> list[torch.Tensor]:
     """Per-token log-probs of each row's response on its pruned prompt.
 
     Args:
@@ -62,6 +62,8 @@ def replay_logprobs(base, inputs: dict, keep_masks: list,
         keep_masks: per row, bool [V_b] over all its visual tokens (row-major per image), or
             None to keep every visual token.
         response_ids: per row, the response token ids.
+        entropies: if a list is given, each row's per-token entropy of the next-token
+            distribution [T_b] is appended to it (detached).
 
     Returns:
         per row, float32 [T_b]: log p(response[t] | pruned prompt, response[:t]).
@@ -81,4 +83,6 @@ def replay_logprobs(base, inputs: dict, keep_masks: list,
         target_T = torch.as_tensor(response_ids[b], dtype=torch.long, device=logits_BTV.device)
         rows_TV = logprobs_BTV[b, longest - length:]
         out.append(rows_TV.gather(-1, target_T[:, None]).squeeze(-1))
+        if entropies is not None:
+            entropies.append(-(rows_TV.exp() * rows_TV).sum(-1).detach())
     return out

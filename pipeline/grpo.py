@@ -233,7 +233,7 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dic
         "policy/loss": train["loss"], "policy/kl": train["kl"],
         "policy/clip_frac": train["clip_frac"], "policy/grad_norm": train["grad_norm"],
         "policy/lr": train["lr"], "policy/logprob_abs_diff": train["logprob_abs_diff"],
-        "policy/vip_loss": train["vip_loss"],
+        "policy/vip_loss": train["vip_loss"], "policy/entropy": train["entropy"],
         "timing_s/rollout": t_rollout, "timing_s/reward": t_reward,
         "timing_s/reference": t_reference, "timing_s/train": t_train, **sync}
 

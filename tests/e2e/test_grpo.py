@@ -22,13 +22,13 @@ SMALL = ["model.max_pixels=50176", "data.synthetic.image_size=224", "data.synthe
          "data.synthetic.num_validation=4", "data.synthetic.num_test=2"]
 RUN = ["trainer.prompts_per_step=2", "rollout.n=2", "trainer.eval_samples=4",
        "trainer.eval_every=1", "algo.train_vip=false"]
-# design.md's metric keys that one GRPO step logs (policy/entropy is not computed by stage 2).
+# design.md's metric keys that one GRPO step logs.
 STEP_KEYS = [
     "reward/total", "reward/accuracy", "reward/prune_bonus", "reward/format",
     "rollout/keep_ratio", "rollout/visual_tokens", "rollout/kept_tokens",
     "rollout/response_length", "rollout/tokens_per_s",
     "policy/loss", "policy/kl", "policy/clip_frac", "policy/grad_norm", "policy/lr",
-    "policy/logprob_abs_diff",
+    "policy/logprob_abs_diff", "policy/entropy",
     "timing_s/rollout", "timing_s/reward", "timing_s/reference", "timing_s/train",
     "timing_s/weight_sync", "timing_s/step",
     "eval/accuracy", "eval/keep_ratio"]
