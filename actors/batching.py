@@ -31,17 +31,35 @@ def keep_masks_of(batch: RolloutBatch, rows: range, device: torch.device) -> lis
                                                            device=device) for i in rows]
 
 
-def equal_micro_batches(num_rows: int, size: int) -> list[tuple[range, float]]:
-    """(rows, weight) per micro-batch, the same COUNT on every rank (a collective).
+def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce of a small CPU tensor (counts, sums) on any backend: NCCL reduces
+    CUDA tensors only, so the values travel through the GPU there."""
+    op = torch.distributed.ReduceOp.SUM if op is None else op
+    if torch.distributed.get_backend() == "nccl":
+        on_device = tensor.cuda()
+        torch.distributed.all_reduce(on_device, op=op)
+        tensor.copy_(on_device.cpu())
+    else:
+        torch.distributed.all_reduce(tensor, op=op)
+    return tensor
 
-    Every ZeRO-3 forward all-gathers parameters, so a rank that ran one micro-batch more than
-    the others would wait forever. Ranks with fewer rows repeat their last micro-batch with
-    weight 0: it joins the collectives and adds nothing to loss or gradient.
+
+def equal_micro_batches(num_rows: int, size: int) -> list[tuple[list[int], int]]:
+    """(rows, real) per micro-batch: the same number of micro-batches of the same sizes on
+    every rank (a collective); the first `real` rows are this rank's, the rest repeat its last
+    row and must weigh 0.
+
+    Every ZeRO-3 forward all-gathers parameters, once per module CALL: a rank that ran one
+    micro-batch more than the others, or one more per-row call (the VIP runs once per row),
+    would wait forever. So every rank runs micro-batches shaped by the largest shard.
     """
     if num_rows == 0:
         raise ValueError("a rank received no rows: give each step at least as many rows as "
                          "the group has ranks")
-    micro = [(range(s, min(s + size, num_rows)), 1.0) for s in range(0, num_rows, size)]
-    most = torch.tensor([len(micro)])
-    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-    return micro + [(micro[-1][0], 0.0)] * (int(most) - len(micro))
+    most = int(all_reduce_(torch.tensor([num_rows]), torch.distributed.ReduceOp.MAX))
+    out = []
+    for start in range(0, most, size):
+        stop = min(start + size, most)
+        out.append(([min(i, num_rows - 1) for i in range(start, stop)],
+                    max(0, min(stop, num_rows) - start)))
+    return out

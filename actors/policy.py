@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from actors.batching import equal_micro_batches, prompt_inputs
+from actors.batching import all_reduce_, equal_micro_batches, prompt_inputs
 from actors.group import DistInfo
 from pipeline.batch import RolloutBatch
 from pipeline.checkpoint import atomic_folder
@@ -230,7 +230,7 @@ class PolicyActor:
             out.append(logp.gather(-1, targets[:, None])[:, 0])
         return out
 
-    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[range, float]]:
+    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[list[int], int]]:
         return equal_micro_batches(len(batch), self.cfg.micro_batch_size)
 
     # ------------------------------------------------------------- public API
@@ -243,8 +243,8 @@ class PolicyActor:
             return replay_logprobs(self, batch)
         self.engine.eval()
         with torch.no_grad():
-            return [lp.tolist() for mb, weight in self._micro_batches(batch)
-                    for lp in self._response_logprobs(batch, mb) if weight]
+            return [lp.tolist() for mb, real in self._micro_batches(batch)
+                    for lp in self._response_logprobs(batch, mb)[:real]]
 
     def evaluate(self, batch: RolloutBatch) -> list[bool]:
         """Per row: would greedy decoding reproduce the response exactly?
@@ -255,18 +255,19 @@ class PolicyActor:
         self.engine.eval()
         hits = []
         with torch.no_grad():
-            for mb, weight in self._micro_batches(batch):
+            for mb, real in self._micro_batches(batch):
                 inputs, spans = self._model_inputs(batch, mb)
                 logits = self.engine(**inputs, use_cache=False).logits
-                for j, span in enumerate(spans if weight else []):
+                for j, span in enumerate(spans[:real]):
                     pred = logits[j, span.start - 1:span.stop - 1].argmax(-1)
                     hits.append(bool((pred == inputs["input_ids"][j, span.start:span.stop])
                                      .all()))
         return hits
 
-    def _dense_loss(self, batch: RolloutBatch, rows: range, grids: torch.Tensor,
+    def _dense_loss(self, batch: RolloutBatch, rows: list[int], real: int, grids: torch.Tensor,
                     feats_VD: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean per-image dense loss over `rows` (their images in order) and head accuracies."""
+        """Summed per-image dense loss of the first `real` of `rows` (their images in order;
+        the heads run on every row, see equal_micro_batches) and head accuracies."""
         from pipeline.dense import cell_labels
 
         sizes = (grids.prod(-1) // 4).tolist()
@@ -279,9 +280,10 @@ class PolicyActor:
             loss, acc = self.engine.module.dense_heads(feats, labels)
             losses.append(loss)
             accs.append(acc)
+        accs = accs[:max(real, 1)]
         mean_acc = {f"dense_acc_{k}": sum(a.get(k, 0.0) for a in accs) / len(accs)
                     for k in ("kind", "color", "digit")}
-        return torch.stack(losses).sum(), mean_acc
+        return torch.stack(losses[:real] or [losses[0] * 0.0]).sum(), mean_acc
 
     def train_step(self, batch: RolloutBatch, loss: str = "sft",
                    dense_weight: float = 0.0) -> dict[str, float]:
@@ -313,32 +315,34 @@ class PolicyActor:
         self.engine.train()
         masks = batch.extras.get("loss_mask") or [[1] * len(r) for r in batch.response_ids]
         counts = torch.tensor([float(sum(map(sum, masks))), float(len(batch))])
-        torch.distributed.all_reduce(counts)  # global response tokens, global rows
+        all_reduce_(counts)  # global response tokens, global rows
         global_tokens, global_rows = counts.tolist()
         totals = torch.zeros(2)  # answer NLL sum, dense loss sum
         dense_acc: dict[str, float] = {}
         micro = self._micro_batches(batch)
-        for k, (rows, weight) in enumerate(micro):
+        for k, (rows, real) in enumerate(micro):
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             logprobs = self._response_logprobs(batch, rows)
             # Only answer tokens count: a packed multi-turn response masks the question turns.
+            # Padding rows (after `real`) ran forward for the collectives and count nothing.
             token_sum = -sum((lp * torch.tensor(masks[i], dtype=lp.dtype, device=lp.device)).sum()
-                             for i, lp in zip(rows, logprobs, strict=True))
+                             for i, lp in zip(rows[:real], logprobs[:real], strict=True))
+            token_sum = token_sum + 0.0 * logprobs[0].sum()  # a tensor even when real == 0
             objective = token_sum / global_tokens if loss == "sft" else token_sum * 0.0
-            totals[0] += weight * token_sum.detach().cpu()
+            totals[0] += token_sum.detach().cpu()
             if loss == "dense" or dense_weight > 0:
                 # The vision tower's merged output of the forward just run (forward hook).
-                dense_sum, accs = self._dense_loss(batch, rows, self._last_grids,
+                dense_sum, accs = self._dense_loss(batch, rows, real, self._last_grids,
                                                    self._visual_out)
                 scale = 1.0 if loss == "dense" else dense_weight
                 objective = objective + scale * dense_sum / global_rows
-                totals[1] += weight * dense_sum.detach().cpu()
-                dense_acc = accs if weight else dense_acc
+                totals[1] += dense_sum.detach().cpu()
+                dense_acc = accs if real else dense_acc
             # DeepSpeed averages gradients over ranks: scale back up to the global mean.
-            self.engine.backward(weight * objective * self.dist.world_size, scale_wrt_gas=False)
+            self.engine.backward(objective * self.dist.world_size, scale_wrt_gas=False)
         lr = self.scheduler.get_last_lr()[0]
         self.engine.step()
-        torch.distributed.all_reduce(totals)
+        all_reduce_(totals)
         grad_norm = self.engine.get_global_grad_norm()
         main = totals[0] / global_tokens if loss == "sft" else totals[1] / global_rows
         return {"loss": float(main), "dense_loss": float(totals[1] / global_rows),
@@ -405,6 +409,12 @@ class PolicyActor:
         # under the base's own names; other trainable parameters go as they are.
         items = [(f"{n}.weight", layer_params(m), lambda m=m: merged_weight(m))
                  for n, m in lora_layers(module)] if self.cfg.lora.enabled else []
+        # vLLM loads q/k/v (and gate/up) as one packed layer and rebuilds it whole: an adapted
+        # layer's bias goes too, or the reload would leave the packed bias uninitialised.
+        items += [(f"{n}.bias", [m.base_layer.bias],
+                   lambda m=m: m.base_layer.bias.detach().to("cpu", copy=True))
+                  for n, m in (lora_layers(module) if self.cfg.lora.enabled else [])
+                  if m.base_layer.bias is not None]
         items += [(n, [p], lambda p=p: p.detach().to("cpu", copy=True))
                   for n, p in module.named_parameters()
                   if p.requires_grad and ".lora_" not in n and not n.startswith("dense_heads.")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from actors.batching import all_reduce_
 from pipeline.batch import RolloutBatch
 
 
@@ -41,11 +42,11 @@ def glimpse_step(actor, batch: RolloutBatch, loss: str) -> dict[str, float]:
 
     actor.engine.train()
     rows_total = torch.tensor([float(len(batch))])
-    torch.distributed.all_reduce(rows_total)
+    all_reduce_(rows_total)
     sums = torch.zeros(5)  # loss, kept tokens, visual tokens, target tokens (kept, all)
     micro = actor._micro_batches(batch)
     module = actor.engine.module
-    for k, (rows, weight) in enumerate(micro):
+    for k, (rows, real) in enumerate(micro):
         actor.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
         inputs = actor._prompt_inputs(batch, rows)
         vip_logits = actor.engine(**inputs)  # through the engine: ZeRO-3 counts micro-steps
@@ -60,19 +61,18 @@ def glimpse_step(actor, batch: RolloutBatch, loss: str) -> dict[str, float]:
             losses = losses + distill_losses(module, inputs,
                                              [batch.response_ids[i] for i in rows],
                                              actor.glimpse_cfg.train_sparsity, vip_logits)[0]
-        actor.engine.backward(weight * losses.sum() / rows_total.item() * actor.dist.world_size,
-                             scale_wrt_gas=False)
-        if not weight:
-            continue  # a padding micro-batch (see _micro_batches): counts nothing
-        keep = keep_masks_for_batch([v.detach() for v in vip_logits], module.threshold,
+        # Rows after `real` are padding (see equal_micro_batches): they count nothing.
+        actor.engine.backward(losses[:real].sum() / rows_total.item() * actor.dist.world_size,
+                              scale_wrt_gas=False)
+        keep = keep_masks_for_batch([v.detach() for v in vip_logits[:real]], module.threshold,
                                     module.min_keep, module.max_keep_ratio)
-        for m, t, l_ in zip(keep, targets, losses, strict=True):
+        for m, t, l_ in zip(keep, targets[:real], losses[:real], strict=True):
             hit, total = (0.0, 0.0) if t is None else (float((m & t.bool()).sum()),
                                                         float(t.sum()))
             sums += torch.tensor([float(l_), float(m.sum()), float(m.numel()), hit, total])
     lr = actor.scheduler.get_last_lr()[0]
     actor.engine.step()
-    torch.distributed.all_reduce(sums)
+    all_reduce_(sums)
     grad_norm = actor.engine.get_global_grad_norm()
     return {"loss": float(sums[0] / rows_total), "lr": float(lr),
             "keep_ratio": float(sums[1] / sums[2]),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.batching import keep_masks_of
+from actors.batching import all_reduce_, keep_masks_of
 from pipeline import algo
 
 
@@ -48,7 +48,7 @@ def mask_log_likelihood(vip_logits_V: torch.Tensor, keep_mask_V: torch.Tensor,
 def _global_counts(batch, world: int) -> tuple[float, float]:
     counts = torch.tensor([float(sum(len(r) for r in batch.response_ids)), float(len(batch))])
     if world > 1:
-        torch.distributed.all_reduce(counts)
+        all_reduce_(counts)
     return float(counts[0]), float(counts[1])
 
 
@@ -68,13 +68,16 @@ def grpo_step(actor, batch) -> dict[str, float]:
     cfg = actor.grpo["algo"]
     engine = actor.engine
     engine.train()
+    # The rollout drew the keep masks from the VIP in eval mode (no dropout on the glimpse
+    # token); the mask log-likelihood must score that same distribution.
+    engine.module.glimpse_modules.eval()
     global_tokens, global_rows = _global_counts(batch, actor.dist.world_size)
     # The global normaliser: token-level aggregation divides by every token of the step,
     # sequence-level by every row; each micro-batch scales its own mean by its share.
     sums = torch.zeros(7)  # loss, kl, clip tokens, |diff| sum, vip loss, tokens, entropy sum
     micro = actor._micro_batches(batch)
     ref = batch.extras.get("ref_logprobs")
-    for k, (rows, weight) in enumerate(micro):
+    for k, (rows, real) in enumerate(micro):
         engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
         inputs = actor._prompt_inputs(batch, rows)
         entropies: list[torch.Tensor] = []
@@ -83,6 +86,7 @@ def grpo_step(actor, batch) -> dict[str, float]:
             keep_masks=keep_masks_of(batch, rows, actor.device), with_vip=cfg.train_vip,
             entropies=entropies, **inputs)
         logp_BT, mask_BT = _pad(logprobs, logprobs[0])
+        mask_BT[real:] = False  # padding rows (see equal_micro_batches) count nothing
         old_BT = logp_BT.detach()
         rollout_BT, _ = _pad([batch.rollout_logprobs[i] for i in rows], old_BT)
         ref_BT = _pad([ref[i] for i in rows], old_BT)[0] if ref is not None else None
@@ -92,26 +96,28 @@ def grpo_step(actor, batch) -> dict[str, float]:
             logp_BT, old_BT, adv_B, mask_BT, cfg.clip_low, cfg.clip_high, ref_BT, cfg.kl_coef,
             cfg.loss_agg, algo.tis_weights(old_BT, rollout_BT, cfg.tis_cap))
         tokens = float(mask_BT.sum())
-        share = tokens / global_tokens if cfg.loss_agg == "token" else len(rows) / global_rows
+        share = tokens / global_tokens if cfg.loss_agg == "token" else real / global_rows
         objective = loss * share
         vip_sum = torch.zeros(())
         if cfg.train_vip:
             masks = keep_masks_of(batch, rows, actor.device)
             nll = torch.stack([-mask_log_likelihood(v, m, actor.grpo["mask_temperature"])
                                for v, m in zip(vip_logits, masks, strict=True)])
-            vip_sum = (nll * adv_B).sum()
+            vip_sum = (nll * adv_B)[:real].sum()
             objective = objective + vip_sum / global_rows
         # DeepSpeed averages gradients over ranks: scale back up to the global mean.
-        engine.backward(weight * objective * actor.dist.world_size, scale_wrt_gas=False)
+        if not real:
+            objective = objective * 0.0  # all padding (its token mean is 0 / 0 = 0 anyway)
+        engine.backward(objective * actor.dist.world_size, scale_wrt_gas=False)
         diff = float(((old_BT - rollout_BT).abs() * mask_BT).sum())
-        sums += weight * torch.tensor([float(loss.detach()) * share, stats["kl"] * tokens,
-                                       stats["clip_frac"] * tokens, diff,
-                                       float(vip_sum.detach()), tokens,
-                                       float(sum(e.sum() for e in entropies))])
+        entropy = float(sum(e.sum() for e in entropies[:real]))
+        sums += float(real > 0) * torch.tensor([
+            float(loss.detach()) * share, stats["kl"] * tokens, stats["clip_frac"] * tokens, diff,
+            float(vip_sum.detach()), tokens, entropy])
     lr = actor.scheduler.get_last_lr()[0]
     engine.step()
     if actor.dist.world_size > 1:
-        torch.distributed.all_reduce(sums)
+        all_reduce_(sums)
     grad_norm = engine.get_global_grad_norm()
     return {"loss": float(sums[0]), "kl": float(sums[1] / sums[5]),
             "clip_frac": float(sums[2] / sums[5]), "logprob_abs_diff": float(sums[3] / sums[5]),
@@ -126,11 +132,10 @@ def replay_logprobs(actor, batch) -> list[list[float]]:
     actor.engine.eval()
     out = []
     with torch.no_grad():
-        for rows, weight in actor._micro_batches(batch):
+        for rows, real in actor._micro_batches(batch):
             inputs = actor._prompt_inputs(batch, rows)
             logprobs, _ = actor.engine(
                 response_ids=[list(batch.response_ids[i]) for i in rows],
                 keep_masks=keep_masks_of(batch, rows, actor.device), **inputs)
-            if weight:
-                out += [lp.float().cpu().tolist() for lp in logprobs]
+            out += [lp.float().cpu().tolist() for lp in logprobs[:real]]
     return out

@@ -55,7 +55,7 @@ class ReferenceActor:
                   "steps_per_print": 10**9}
         self.engine, *_ = deepspeed.initialize(model=model, config=config)
 
-    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[range, float]]:
+    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[list[int], int]]:
         return equal_micro_batches(len(batch), self.cfg.micro_batch_size)
 
     def _prompt_inputs(self, batch: RolloutBatch, rows: range) -> dict:

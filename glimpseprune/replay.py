@@ -22,8 +22,12 @@ def pruned_sequences(base, inputs: dict, keep_masks: list, response_ids: list[li
         embeds_BSD, position_ids_3BS, valid_BS (bool), and the response lengths T_b.
     """
     layout = build_layout(base, inputs, None)
-    embed = base.model.get_input_embeddings()
     device = layout.embeds_BPD.device
+    responses = [torch.as_tensor(r, dtype=torch.long, device=device) for r in response_ids]
+    # One embedding call for the whole batch: under ZeRO-3 every module call all-gathers its
+    # weights, so a per-row call would make ranks with fewer rows gather fewer times.
+    response_embeds = base.model.get_input_embeddings()(torch.cat(responses)).split(
+        [r.numel() for r in responses])
     rows = []
     for b, mask in enumerate(keep_masks):
         keep_P = layout.attention_mask_BP[b].clone()
@@ -35,10 +39,9 @@ def pruned_sequences(base, inputs: dict, keep_masks: list, response_ids: list[li
             keep_P[layout.visual_index[b][~mask_V]] = False
         index = keep_P.nonzero().squeeze(-1)
         positions_3n = layout.position_ids_3BP[:, b, index]
-        response = torch.as_tensor(response_ids[b], dtype=torch.long, device=device)
         # The response continues after the ORIGINAL last position, as decoding did.
-        after = positions_3n.max() + 1 + torch.arange(response.numel(), device=device)
-        rows.append((torch.cat([layout.embeds_BPD[b, index], embed(response)]),
+        after = positions_3n.max() + 1 + torch.arange(responses[b].numel(), device=device)
+        rows.append((torch.cat([layout.embeds_BPD[b, index], response_embeds[b]]),
                      torch.cat([positions_3n, after[None].expand(3, -1)], 1)))
     width = max(e.shape[0] for e, _ in rows)
     embeds_BSD = layout.embeds_BPD.new_zeros(len(rows), width, layout.embeds_BPD.shape[-1])

@@ -411,6 +411,13 @@ def _validate(cfg: Config) -> None:
         if _get(cfg, dotted) < cfg.policy.num_ranks:
             raise ConfigError(f"config key '{dotted}' ({_get(cfg, dotted)}) is below "
                               f"policy.num_ranks ({cfg.policy.num_ranks}): every rank needs rows")
+    targets = set(cfg.policy.lora.target_modules)
+    for packed in ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}):
+        if targets & packed and not packed <= targets:
+            # vLLM loads these as one packed layer; weight sync must send all of it.
+            raise ConfigError(f"config key 'policy.lora.target_modules' adapts "
+                              f"{sorted(targets & packed)} but not {sorted(packed - targets)}: "
+                              "adapt all of a packed group or none")
     if cfg.policy.lora.enabled and not cfg.policy.freeze_vision:
         raise ConfigError("config key 'policy.lora.enabled' adapts the language model only; "
                           "with it, policy.freeze_vision must stay true")

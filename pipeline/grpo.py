@@ -188,6 +188,11 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dic
     usable = [i for i, err in enumerate(rollout.extras["error"]) if err is None]
     batch = rollout.take(usable)
     t_rollout = time.perf_counter() - t0
+    if len(usable) < max(cfg.policy.num_ranks, cfg.reference.num_ranks):
+        # Too few rows to give every rank one: no update this step (the driver counts these).
+        errors = sorted({e for e in rollout.extras["error"] if e})
+        return {"rollout/failed": len(rollout) - len(usable), "policy/skipped_step": 1.0,
+                "timing_s/rollout": t_rollout, "errors": errors[:3]}
 
     # 2. In parallel: rewards of every row, reference log-probs on the replayed keep masks.
     ref_refs = roles.reference.submit_split("compute_logprobs", batch) if roles.reference else []
@@ -196,7 +201,8 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dic
     t_reward = time.perf_counter() - t1
     if ref_refs:
         batch.extras["ref_logprobs"] = [lp for part in ray.get(ref_refs) for lp in part]
-    t_reference = time.perf_counter() - t1
+    t_reference = time.perf_counter() - t1  # wall time until the reference was done (it
+    # runs beside the reward service, so the two overlap)
 
     # 3. Advantages within each prompt's group (failed rows were left out and are counted).
     rewards_B = torch.tensor([rewards["total"][i] for i in usable])
@@ -219,7 +225,7 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dic
     kept = [k for k, e in zip(extras["kept_tokens"], extras["error"], strict=True) if e is None]
     visual = [v for v, e in zip(extras["visual_tokens"], extras["error"], strict=True)
               if e is None]
-    new_tokens = sum(len(ids) for ids in batch.response_ids)
+    new_tokens = sum(len(rollout.response_ids[i]) for i in usable)
     return {
         "reward/total": _mean(rewards["total"]), "reward/accuracy": _mean(rewards["accuracy"]),
         "reward/prune_bonus": _mean(rewards["prune_bonus"]),
@@ -227,9 +233,10 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dic
         "reward/judge_fallbacks": rewards.get("judge_fallbacks", 0),
         "rollout/keep_ratio": sum(kept) / max(sum(visual), 1),
         "rollout/visual_tokens": _mean(visual), "rollout/kept_tokens": _mean(kept),
-        "rollout/response_length": new_tokens / max(len(batch), 1),
+        "rollout/response_length": new_tokens / max(len(usable), 1),
         "rollout/tokens_per_s": new_tokens / max(extras["generate_s"][0], 1e-9),
         "rollout/failed": len(rollout) - len(usable), "rollout/trained_rows": len(batch),
+        "policy/skipped_step": 0.0,
         "policy/loss": train["loss"], "policy/kl": train["kl"],
         "policy/clip_frac": train["clip_frac"], "policy/grad_norm": train["grad_norm"],
         "policy/lr": train["lr"], "policy/logprob_abs_diff": train["logprob_abs_diff"],
@@ -252,7 +259,13 @@ def evaluate(cfg: Config, roles: Roles, rows: list[dict], tokenizer) -> dict[str
     return {"eval/accuracy": sum(hits) / len(rows), "eval/keep_ratio": kept / max(visual, 1)}
 
 
+MAX_SKIPPED_STEPS = 3  # consecutive steps without an update before the run stops
+
+
 def _summary_line(step: int, total: int, record: dict) -> str:
+    if record["policy/skipped_step"]:
+        return (f"grpo step {step}/{total} skipped: {record['rollout/failed']} rollout rows "
+                f"failed {record['timing_s/step']:.1f}s")
     return (f"grpo step {step}/{total} reward {record['reward/total']:.3f} "
             f"acc {record['reward/accuracy']:.3f} keep {record['rollout/keep_ratio']:.3f} "
             f"kl {record['policy/kl']:.2e} |dlogp| {record['policy/logprob_abs_diff']:.1e} "
@@ -299,6 +312,7 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
         else:
             tracker.log(evaluate(cfg, roles, eval_rows, tokenizer), 0)
         evaluation: dict[str, float] = {}
+        skipped_in_a_row = 0
         bar = tqdm(range(start + 1, total + 1), desc="grpo", unit="step", initial=start,
                    total=total)
         for step in bar:
@@ -308,6 +322,11 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
             position += len(indices)
             prompts = PromptBatch.from_rows([train_set[i] for i in indices])
             record = grpo_step(cfg, roles, prompts, tokenizer)
+            errors = record.pop("errors", [])
+            skipped_in_a_row = skipped_in_a_row + 1 if record["policy/skipped_step"] else 0
+            if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                raise RuntimeError(f"{skipped_in_a_row} GRPO steps in a row had too few usable "
+                                   f"rollout rows to train; rollout errors: {errors}")
             if step % cfg.trainer.eval_every == 0 or step == total:
                 evaluation = evaluate(cfg, roles, eval_rows, tokenizer)
                 record.update(evaluation)
