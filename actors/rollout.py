@@ -76,8 +76,11 @@ class RolloutActor:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self.cfg, self.glimpse_cfg = rollout_cfg, glimpse_cfg
         self.max_image_pixels, self.prepass_batch_size = max_image_pixels, prepass_batch_size
+        # The pre-pass runs on this actor's GPU when Ray gave it one (else CPU).
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.model = GlimpsePruneModel.from_pretrained(
-            model_path, glimpse_cfg, dtype=getattr(torch, model_cfg.dtype), seed=seed)
+            model_path, glimpse_cfg, dtype=getattr(torch, model_cfg.dtype), seed=seed
+        ).to(self.device)
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.processor.tokenizer.padding_side = "left"
         self.generator = torch.Generator().manual_seed(seed)
@@ -97,8 +100,8 @@ class RolloutActor:
     @torch.no_grad()
     def _prepass_chunk(self, texts: list[str], images: list) -> list[PromptPrepass]:
         """Pre-pass of a few prompts: merged image embeddings and VIP logits, per prompt."""
-        inputs = dict(self.processor(text=texts, images=images, padding=True,
-                                     return_tensors="pt"))
+        inputs = {k: v.to(self.device) for k, v in self.processor(
+            text=texts, images=images, padding=True, return_tensors="pt").items()}
         vip_logits = self.model.vip_logits(inputs)
         core = self.model.base.model
         embeds = core.get_image_features(inputs["pixel_values"],
