@@ -11,7 +11,9 @@ Departures from textbook GRPO (each is a config choice):
   the batch, so long answers are not down-weighted; `loss_agg="sequence"` gives GRPO's mean of
   per-sequence means.
 - Dr.GRPO advantages optional (`advantage="drgrpo"`): r - mean(group) without dividing by the
-  group's std, which otherwise up-weights groups whose rewards barely differ.
+  group's std, which otherwise up-weights groups whose rewards barely differ. It matters for
+  the pruning bonus: std-normalised, a group with one correct sample ([1 + b, 0, 0, 0]) gets
+  the same advantages for any bonus b, so only groups with several correct samples feel it.
 - KL in the loss with the k3 estimator (exp(ref - logp) - (ref - logp) - 1, always >= 0), not in
   the reward; coefficient 0 skips the reference model altogether.
 - Truncated importance sampling (optional, `tis_cap` > 0): vLLM samples with its own kernels, so
