@@ -22,6 +22,16 @@ import torch
 from pipeline.prompts import normalise_answer, prompt_text
 
 
+def _prompt_batch(processor, rows: list[dict]) -> dict:
+    """A left-padded processor batch of the rows' prompts (GlimpsePruneModel builds its own
+    M-RoPE ids, so mm_token_type_ids is dropped)."""
+    processor.tokenizer.padding_side = "left"
+    inputs = dict(processor(text=[prompt_text(processor, r["question"]) for r in rows],
+                            images=[r["image"] for r in rows], padding=True, return_tensors="pt"))
+    inputs.pop("mm_token_type_ids", None)
+    return inputs
+
+
 def evaluate_glimpse(model, processor, rows: list[dict], max_new_tokens: int = 8,
                      batch_size: int = 8) -> dict[str, float]:
     """Greedy exact match pruned vs unpruned, mean keep ratio and target-box token recall.
@@ -38,10 +48,7 @@ def evaluate_glimpse(model, processor, rows: list[dict], max_new_tokens: int = 8
     kept = visual = target = target_kept = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        inputs = dict(processor(text=[prompt_text(processor, r["question"]) for r in chunk],
-                                images=[r["image"] for r in chunk], padding=True,
-                                return_tensors="pt"))
-        inputs.pop("mm_token_type_ids", None)
+        inputs = _prompt_batch(processor, chunk)
         with torch.no_grad():
             pruned = model.generate(inputs, max_new_tokens=max_new_tokens)
             full = model.generate(inputs, max_new_tokens=max_new_tokens,
@@ -109,10 +116,7 @@ def evaluate_grounding(model, processor, rows: list[dict], max_new_tokens: int =
     kept = visual = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        inputs = dict(processor(text=[prompt_text(processor, r["question"]) for r in chunk],
-                                images=[r["image"] for r in chunk], padding=True,
-                                return_tensors="pt"))
-        inputs.pop("mm_token_type_ids", None)
+        inputs = _prompt_batch(processor, chunk)
         box = _box_masks(chunk, inputs["image_grid_thw"])
         modes = {"full": [None] * len(chunk), "box_only": box, "no_box": [~m for m in box]}
         if with_pruning:
