@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from actors.batching import all_reduce_, equal_micro_batches, prompt_inputs
+from actors.batching import equal_micro_batches, prompt_inputs
 from actors.group import DistInfo
 from pipeline.batch import RolloutBatch
 from pipeline.checkpoint import atomic_folder
@@ -28,18 +28,38 @@ from pipeline.config import ModelConfig, PolicyConfig
 from pipeline.prompts import prompt_text
 
 
-def _lr_lambda(policy_cfg: PolicyConfig, total_steps: int):
-    warmup = max(1, round(policy_cfg.warmup_ratio * total_steps))
+def _lr_lambda(policy_cfg: PolicyConfig, total_steps: int, restart_at: int = 0):
+    """LR factor per step: warm-up then cosine (or constant); with `restart_at` > 0 the steps
+    from there on get a warm-up and cosine of their own (a second phase, e.g. SFT's answer
+    phase after the dense pretraining, starts at full LR instead of mid-decay)."""
 
-    def factor(step: int) -> float:
+    def phase_factor(step: int, length: int) -> float:
+        warmup = max(1, round(policy_cfg.warmup_ratio * length))
         if step < warmup:
             return (step + 1) / warmup
         if policy_cfg.lr_schedule == "constant":
             return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = (step - warmup) / max(1, length - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
+    def factor(step: int) -> float:
+        if 0 < restart_at < total_steps:
+            if step < restart_at:
+                return phase_factor(step, restart_at)
+            return phase_factor(step - restart_at, total_steps - restart_at)
+        return phase_factor(step, total_steps)
+
     return factor
+
+
+def _group_lr_lambdas(policy_cfg: PolicyConfig, total_steps: int, restart_at: int,
+                      vision_boost: float) -> list:
+    """LR factors of the (language model, vision tower) parameter groups. While the vision
+    tower pretrains alone (steps before `restart_at`) its factor is `vision_boost` times the
+    other's: a random tower learns per-cell features at a higher rate than the answer phase
+    can take (shared docs tiny-task.md: 3e-3 there)."""
+    factor = _lr_lambda(policy_cfg, total_steps, restart_at)
+    return [factor, lambda step: factor(step) * (vision_boost if step < restart_at else 1.0)]
 
 
 def deepspeed_config(policy_cfg: PolicyConfig, world_size: int, bf16: bool) -> dict:
@@ -73,6 +93,13 @@ class PolicyActor:
         dense_heads: add pipeline.dense's per-cell heads (synthetic data's vision pretraining).
         vision_lr_scale: the vision tower's LR relative to the LR.
         lr: the stage's LR; None takes `policy_cfg.lr`.
+        lr_restart_step: > 0: a second warm-up + cosine starts at this step (SFT's answer
+            phase after the dense pretraining).
+        vision_pretrain_lr: > 0: the vision tower's LR before `lr_restart_step`.
+        box_attention: SFT: {"weight": w, "layers": [...], "word_weight": w2,
+            "word_layers": [...]} asks the answer positions' attention in those decoder
+            layers to fall on the target box / on the question's words naming it
+            (actors/answer_attention.py; the language model then runs eager attention).
         glimpse_cfg: stage 1: train only the glimpse token + VIP of a GlimpsePruneModel built
             on the frozen base (a `GlimpseConfig`); None trains the base model itself.
         grpo: stage 2: {"glimpse": GlimpseConfig, "algo": AlgoConfig, "mask_temperature":
@@ -84,7 +111,8 @@ class PolicyActor:
     def __init__(self, dist: DistInfo, policy_cfg: PolicyConfig, model_cfg: ModelConfig,
                  model_path: str, seed: int, total_steps: int, dense_heads: bool = False,
                  vision_lr_scale: float = 1.0, lr: float | None = None, glimpse_cfg=None,
-                 grpo: dict | None = None):
+                 grpo: dict | None = None, lr_restart_step: int = 0,
+                 vision_pretrain_lr: float = 0.0, box_attention: dict | None = None):
         import deepspeed
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -107,8 +135,20 @@ class PolicyActor:
         if grpo is not None:
             self._init_grpo(deepspeed, model_path, dtype, seed, total_steps, bf16)
             return
+        on = box_attention and (box_attention.get("weight", 0.0) > 0
+                                or box_attention.get("word_weight", 0.0) > 0)
+        self.box_attention = box_attention if on else None
+        # Attention weights come out of eager attention only; the export's config keeps none of
+        # this (inference loads with the default implementation).
+        attn = {"attn_implementation": "eager"} if on else {}
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            model_path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+            model_path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **attn)
+        if on:
+            from actors.answer_attention import AttentionCapture
+
+            layers = set(box_attention["layers"]) | set(box_attention.get("word_layers", []))
+            self.attention = AttentionCapture(model.model.language_model.layers,
+                                              sorted(layers))
         if policy_cfg.freeze_vision:
             model.model.visual.requires_grad_(False)
         if policy_cfg.lora.enabled:
@@ -119,17 +159,19 @@ class PolicyActor:
             from pipeline.dense import DenseHeads
 
             model.dense_heads = DenseHeads(model.config.text_config.hidden_size)
+        vision_lr = policy_cfg.lr * vision_lr_scale
         groups = [
             {"params": [p for n, p in model.named_parameters()
                         if p.requires_grad and ".visual." not in f".{n}"]},
             {"params": [p for n, p in model.named_parameters()
-                        if p.requires_grad and ".visual." in f".{n}"],
-             "lr": policy_cfg.lr * vision_lr_scale}]
+                        if p.requires_grad and ".visual." in f".{n}"], "lr": vision_lr}]
+        factors = _group_lr_lambdas(policy_cfg, total_steps, lr_restart_step,
+                                    vision_pretrain_lr / vision_lr if vision_pretrain_lr else 1.0)
+        factors = [f for f, g in zip(factors, groups, strict=True) if g["params"]]
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[g for g in groups if g["params"]],
             config=deepspeed_config(policy_cfg, dist.world_size, bf16),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, _lr_lambda(policy_cfg, total_steps)))
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factors))
         # The vision tower's merged output of the latest forward, for the dense auxiliary loss.
         self._visual_out: torch.Tensor | None = None
         self._visual().register_forward_hook(self._keep_visual_output)
@@ -217,10 +259,10 @@ class PolicyActor:
     def _image_token_id(self) -> int:
         return self.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
-    def _response_logprobs(self, batch: RolloutBatch, rows: range) -> list[torch.Tensor]:
-        """Log-probs [T_i] of each row's response tokens (and the argmax hits, for eval)."""
+    def _response_logprobs(self, batch: RolloutBatch, rows: range, with_inputs: bool = False):
+        """Log-probs [T_i] of each row's response tokens; with `with_inputs` also the model
+        inputs and each response's positions."""
         inputs, spans = self._model_inputs(batch, rows)
-        self._last_grids = inputs["image_grid_thw"]
         logits = self.engine(**inputs, use_cache=False).logits.float()
         out = []
         for j, span in enumerate(spans):
@@ -228,7 +270,7 @@ class PolicyActor:
             # position t predicts token t + 1
             logp = torch.log_softmax(logits[j, span.start - 1:span.stop - 1], dim=-1)
             out.append(logp.gather(-1, targets[:, None])[:, 0])
-        return out
+        return (out, inputs, spans) if with_inputs else out
 
     def _micro_batches(self, batch: RolloutBatch) -> list[tuple[list[int], int]]:
         return equal_micro_batches(len(batch), self.cfg.micro_batch_size)
@@ -264,27 +306,6 @@ class PolicyActor:
                                      .all()))
         return hits
 
-    def _dense_loss(self, batch: RolloutBatch, rows: list[int], real: int, grids: torch.Tensor,
-                    feats_VD: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Summed per-image dense loss of the first `real` of `rows` (their images in order;
-        the heads run on every row, see equal_micro_batches) and head accuracies."""
-        from pipeline.dense import cell_labels
-
-        sizes = (grids.prod(-1) // 4).tolist()
-        losses, accs = [], []
-        for i, feats, grid in zip(rows, torch.split(feats_VD, sizes), grids, strict=True):
-            p = batch.prompt_index_B[i]
-            image = batch.prompts.images[p]
-            labels = cell_labels(batch.prompts.objects[p], (image.height, image.width),
-                                 (int(grid[1]) // 2, int(grid[2]) // 2))
-            loss, acc = self.engine.module.dense_heads(feats, labels)
-            losses.append(loss)
-            accs.append(acc)
-        accs = accs[:max(real, 1)]
-        mean_acc = {f"dense_acc_{k}": sum(a.get(k, 0.0) for a in accs) / len(accs)
-                    for k in ("kind", "color", "digit")}
-        return torch.stack(losses[:real] or [losses[0] * 0.0]).sum(), mean_acc
-
     def train_step(self, batch: RolloutBatch, loss: str = "sft",
                    dense_weight: float = 0.0) -> dict[str, float]:
         """One optimiser step over this rank's shard, accumulated over micro-batches.
@@ -292,14 +313,16 @@ class PolicyActor:
         Args:
             batch: this rank's rows.
             loss: "sft" (negative log-likelihood of the response tokens where
-                extras["loss_mask"] is 1, all of them without it; global token mean)
-                or "dense" (the vision tower's per-cell loss alone; the whole model still runs
-                forward through the engine, which ZeRO-3's gradient accumulation relies on).
+                extras["loss_mask"] is 1, all of them without it; global token mean; plus the
+                box-attention term when the actor has one, actors/policy_sft.py), "dense" (the
+                vision tower's per-cell loss alone), "glimpse_box", "glimpse_distill",
+                "glimpse_box+distill" (stage 1, actors/policy_glimpse.py) or "grpo"
+                (actors/policy_grpo.py).
             dense_weight: weight of the per-cell loss added to "sft" (0: none).
 
         Returns:
             loss (the answer NLL for "sft", the dense loss for "dense"), grad_norm, lr,
-            tokens, and the dense heads' accuracies when they ran.
+            tokens, and the dense heads' accuracies / box-attention figures when they ran.
         """
         if loss in ("glimpse_box", "glimpse_distill", "glimpse_box+distill"):
             from actors.policy_glimpse import glimpse_step
@@ -312,42 +335,9 @@ class PolicyActor:
         if loss not in ("sft", "dense"):
             raise ValueError(f"unknown loss {loss!r}; this engine knows: sft, dense, "
                              "glimpse_box, glimpse_distill, glimpse_box+distill, grpo")
-        self.engine.train()
-        masks = batch.extras.get("loss_mask") or [[1] * len(r) for r in batch.response_ids]
-        counts = torch.tensor([float(sum(map(sum, masks))), float(len(batch))])
-        all_reduce_(counts)  # global response tokens, global rows
-        global_tokens, global_rows = counts.tolist()
-        totals = torch.zeros(2)  # answer NLL sum, dense loss sum
-        dense_acc: dict[str, float] = {}
-        micro = self._micro_batches(batch)
-        for k, (rows, real) in enumerate(micro):
-            self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-            logprobs = self._response_logprobs(batch, rows)
-            # Only answer tokens count: a packed multi-turn response masks the question turns.
-            # Padding rows (after `real`) ran forward for the collectives and count nothing.
-            token_sum = -sum((lp * torch.tensor(masks[i], dtype=lp.dtype, device=lp.device)).sum()
-                             for i, lp in zip(rows[:real], logprobs[:real], strict=True))
-            token_sum = token_sum + 0.0 * logprobs[0].sum()  # a tensor even when real == 0
-            objective = token_sum / global_tokens if loss == "sft" else token_sum * 0.0
-            totals[0] += token_sum.detach().cpu()
-            if loss == "dense" or dense_weight > 0:
-                # The vision tower's merged output of the forward just run (forward hook).
-                dense_sum, accs = self._dense_loss(batch, rows, real, self._last_grids,
-                                                   self._visual_out)
-                scale = 1.0 if loss == "dense" else dense_weight
-                objective = objective + scale * dense_sum / global_rows
-                totals[1] += dense_sum.detach().cpu()
-                dense_acc = accs if real else dense_acc
-            # DeepSpeed averages gradients over ranks: scale back up to the global mean.
-            self.engine.backward(objective * self.dist.world_size, scale_wrt_gas=False)
-        lr = self.scheduler.get_last_lr()[0]
-        self.engine.step()
-        all_reduce_(totals)
-        grad_norm = self.engine.get_global_grad_norm()
-        main = totals[0] / global_tokens if loss == "sft" else totals[1] / global_rows
-        return {"loss": float(main), "dense_loss": float(totals[1] / global_rows),
-                "lr": float(lr), "tokens": global_tokens, **dense_acc,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        from actors.policy_sft import sft_step
+
+        return sft_step(self, batch, loss, dense_weight)
 
     def _prompt_inputs(self, batch: RolloutBatch, rows: range) -> dict:
         return prompt_inputs(self.processor, batch, rows, self.device)

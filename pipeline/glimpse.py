@@ -34,6 +34,7 @@ class GlimpseStage:
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         self.total_steps, self.prompts_per_step = g.train_steps, g.train_prompts_per_step
         self.eval_every = g.train_eval_every
+        self.checkpoint_every = cfg.checkpoint.every_steps
         self.rows_without_boxes = 0
 
     def actor_kwargs(self, cfg: Config, base: Path) -> dict:

@@ -58,6 +58,14 @@ def task_vocabulary() -> list[str]:
     return sorted(words)
 
 
+def naming_words(question: str) -> list[str]:
+    """The words of a synthetic question that name its target object (its colour or kind):
+    "What number is in the blue box?" -> ["blue", "box"]; the words that say what is asked
+    ("color", "shape", "number") are not among them."""
+    names = set(COLORS) | set(SHAPES) | {BOX_KIND}
+    return [w for w in question.replace("?", " ").split() if w in names]
+
+
 @dataclass
 class SceneObject:
     kind: str  # one of SHAPES or "box"

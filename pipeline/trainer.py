@@ -26,6 +26,7 @@ class Stage(Protocol):
     total_steps: int
     prompts_per_step: int
     eval_every: int
+    checkpoint_every: int
 
     def actor_kwargs(self, cfg: Config, base: Path) -> dict:
         """Keyword arguments of PolicyActor beyond (dist, policy, model, path, seed, steps)."""
@@ -129,11 +130,13 @@ def _steps(cfg: Config, stage: Stage, group, tracker, train_set, validation) -> 
         record["timing_s/step"] = time.perf_counter() - t_step
         # Metrics first: a run killed right after a checkpoint has logged every step it saved.
         tracker.log(record, step)
-        if step % cfg.checkpoint.every_steps == 0 or step == stage.total_steps:
+        if step % stage.checkpoint_every == 0 or step == stage.total_steps:
             folder = checkpoints.save(group, step, {"data_position": position})
             tracker.client.set_tag(tracker.run_id, "checkpoint_dir", str(folder.resolve()))
         shown = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in record.items()
-                         if k in ("policy/loss", "eval/accuracy", "eval/keep_ratio"))
+                         if k in ("policy/loss", "policy/box_attention_mass",
+                                  "policy/word_attention_mass", "eval/accuracy",
+                                  "eval/keep_ratio"))
         print(f"{stage.name} step {step}/{stage.total_steps} {shown} "
               f"{record['timing_s/step']:.2f}s", flush=True)
     return evaluation

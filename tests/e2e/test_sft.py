@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 ARGS = ["data.synthetic.num_train=40", "data.synthetic.num_validation=8",
         "data.synthetic.num_test=2", "sft.total_steps=4", "sft.eval_every=2",
         "trainer.eval_samples=8", "checkpoint.every_steps=2", "sft.lr=1e-3",
-        "sft.prompts_per_step=4"]
+        "sft.prompts_per_step=4", "sft.checkpoint_every=2", "sft.vision_pretrain_steps=0"]
 
 
 def _sft(out, *extra, background=False):
@@ -71,6 +71,9 @@ def test_mlflow_run_holds_params_metrics_and_a_loadable_model_version(uninterrup
     assert run.data.tags["stage"] == "sft"
     assert len(client.get_metric_history(run.info.run_id, "policy/loss")) == 4
     assert len(client.get_metric_history(run.info.run_id, "eval/accuracy")) == 2
+    # the box-attention term ran (eager attention in training) and reports a mass in (0, 1)
+    masses = client.get_metric_history(run.info.run_id, "policy/box_attention_mass")
+    assert len(masses) == 4 and all(0 < m.value < 1 for m in masses)
     versions = client.search_model_versions("name='glimpseprune-plus-sft'")
     assert len(versions) == 1 and versions[0].tags["step"] == "4"
     assert versions[0].run_id == run.info.run_id

@@ -44,3 +44,27 @@ def test_single_turn_when_no_siblings(tiny_model_dir):
     row = next(generate_split(SyntheticConfig(num_train=1), "train"))
     batch = packed_batch([row], {}, tok, turns=5)
     assert batch.extras["loss_mask"][0] == [1, 1]  # the answer token and end of turn
+
+
+def test_answer_boxes_point_at_each_answer_and_carry_its_question_box(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = list(generate_split(SyntheticConfig(num_train=1, questions_per_image=3), "train"))
+    batch = packed_batch([rows[2]], {rows[0]["image_id"]: rows}, tok, turns=3)
+    starts = batch.extras["answer_boxes"][0]
+    assert [boxes for _, boxes, _ in starts] == [r["boxes"] for r in (rows[2], rows[0], rows[1])]
+    for (offset, _, words), row in zip(starts, (rows[2], rows[0], rows[1]), strict=True):
+        assert batch.response_ids[0][offset] == tok.encode(row["answer"],
+                                                           add_special_tokens=False)[0]
+        # the naming words are tokens of the question as the model reads it
+        question_ids = tok.encode(row["question"], add_special_tokens=False)
+        assert words and set(words) <= set(question_ids)
+
+
+def test_naming_words_are_the_targets_colour_or_kind():
+    from pipeline.synthetic import naming_words
+
+    assert naming_words("What shape is red?") == ["red"]
+    assert naming_words("What color is the triangle?") == ["triangle"]
+    assert naming_words("What number is in the blue box?") == ["blue", "box"]
