@@ -70,7 +70,7 @@ def _stage_record(output_dir: Path, stage: str, command: str) -> dict:
             "final_validation": {k: v for k, v in summary.items() if k.startswith("eval/")}}
 
 
-def write(output_dir: Path, commands: list[str], hardware: str) -> dict:
+def write(output_dir: Path, commands: list[str], hardware: str, note: str = "") -> dict:
     """Copies a run's SFT export and stage-1 modules into glimpseprune/embedded/tiny and
     writes the card (figures from the run's summaries and `output_dir/evaluate/*.json`)."""
     if EMBEDDED_DIR.exists():
@@ -83,7 +83,7 @@ def write(output_dir: Path, commands: list[str], hardware: str) -> dict:
         "what": "the embedded default's trained tiny Qwen2.5-VL (pipeline.sft) with its stage-1 "
                 "glimpse modules (pipeline.glimpse) in glimpse_modules/; made by the project, "
                 "nothing downloaded",
-        "hardware": hardware,
+        "hardware": hardware, "note": note,
         "base": _stage_record(output_dir, "sft", commands[0]),
         "glimpse": _stage_record(output_dir, "glimpse", commands[-1]),
         "evaluate": evaluations,
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--command", action="append", default=[],
                         help="the command of each stage, SFT first (repeat)")
     parser.add_argument("--hardware", default="", help="where it was trained")
+    parser.add_argument("--note", default="", help="anything a reader of the card should know")
     parser.add_argument("--verify", action="store_true", help="check the files against the card")
     args = parser.parse_args(argv)
     if args.verify:
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.output_dir or not args.command:
         parser.error("--output-dir and --command are needed (or --verify)")
-    card = write(args.output_dir, args.command, args.hardware)
+    card = write(args.output_dir, args.command, args.hardware, args.note)
     print(f"wrote {EMBEDDED_DIR / CARD_NAME}: {len(card['files'])} files")
 
 

@@ -110,10 +110,11 @@ def evaluate_grounding(model, processor, rows: list[dict], max_new_tokens: int =
                        batch_size: int = 8, with_pruning: bool = False) -> dict[str, float]:
     """Greedy exact match per question type with every visual token ("full"), only the target
     box's tokens ("box_only"), every token but those ("no_box") and, with `with_pruning`, the
-    keep rule of the model's VIP ("pruned", plus its keep ratio)."""
+    keep rule of the model's VIP ("pruned", plus its keep ratio and the share of target-box
+    tokens it keeps)."""
     processor.tokenizer.padding_side = "left"
     hits: dict[str, list[tuple[str, bool]]] = defaultdict(list)
-    kept = visual = 0
+    kept = visual = target = target_kept = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         inputs = _prompt_batch(processor, chunk)
@@ -131,6 +132,9 @@ def evaluate_grounding(model, processor, rows: list[dict], max_new_tokens: int =
             if mode == "pruned":
                 kept += sum(int(m.sum()) for m in out.keep_masks)
                 visual += sum(m.numel() for m in out.keep_masks)
+                target += sum(int(b.sum()) for b in box)
+                target_kept += sum(int((b & m.cpu()).sum()) for b, m in zip(box, out.keep_masks,
+                                                                            strict=True))
     result = {}
     for mode, pairs in hits.items():
         result[f"{mode}/accuracy"] = sum(h for _, h in pairs) / len(pairs)
@@ -139,6 +143,7 @@ def evaluate_grounding(model, processor, rows: list[dict], max_new_tokens: int =
             result[f"{mode}/accuracy/{qtype}"] = sum(of_type) / len(of_type)
     if with_pruning:
         result["pruned/keep_ratio"] = kept / max(visual, 1)
+        result["pruned/box_recall"] = target_kept / max(target, 1)  # target-box tokens kept
     return result
 
 
