@@ -166,7 +166,8 @@ class PolicyActor:
             {"params": [p for n, p in model.named_parameters()
                         if p.requires_grad and ".visual." in f".{n}"], "lr": vision_lr}]
         factors = _group_lr_lambdas(policy_cfg, total_steps, lr_restart_step,
-                                    vision_pretrain_lr / vision_lr if vision_pretrain_lr else 1.0)
+                                    vision_pretrain_lr / vision_lr
+                                    if vision_pretrain_lr and vision_lr else 1.0)
         factors = [f for f, g in zip(factors, groups, strict=True) if g["params"]]
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[g for g in groups if g["params"]],

@@ -438,19 +438,10 @@ def _validate(cfg: Config) -> None:
     if cfg.policy.lora.enabled and not cfg.policy.freeze_vision:
         raise ConfigError("config key 'policy.lora.enabled' adapts the language model only; "
                           "with it, policy.freeze_vision must stay true")
-    dense = cfg.sft.vision_pretrain_steps > 0 or cfg.sft.dense_loss_weight > 0
-    sft_trains_vision = (not cfg.policy.freeze_vision if cfg.sft.train_vision is None
-                         else cfg.sft.train_vision)
-    if dense and not sft_trains_vision:
-        raise ConfigError("config keys 'sft.vision_pretrain_steps' / 'sft.dense_loss_weight' "
-                          "train the vision tower: set sft.train_vision=true")
     if cfg.sft.zero_stage is not None and cfg.sft.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("config key 'sft.zero_stage' must be 0, 1, 2, 3 or null")
     if cfg.sft.checkpoint_every < 0:
         raise ConfigError("config key 'sft.checkpoint_every' must not be negative")
-    if dense and cfg.data.source != "synthetic":
-        raise ConfigError("config key 'sft.dense_loss_weight' needs the synthetic data's "
-                          "geometry (data.source=synthetic)")
     judge = cfg.reward.judge
     if cfg.reward.correctness == "judge" and not judge.url:
         raise ConfigError("config key 'reward.judge.url' is required when reward.correctness "
@@ -462,6 +453,26 @@ def _validate(cfg: Config) -> None:
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"config key 'data.path' is required when data.source is "
                           f"'{cfg.data.source}'")
+
+
+def check_sft(cfg: Config) -> None:
+    """What only pipeline.sft needs of the config (the shared tiny.yaml carries an SFT recipe
+    for synthetic data that other stages, on other data, must not trip over).
+
+    Raises:
+        ConfigError: dense per-cell supervision without the synthetic data, or with the
+            vision tower frozen.
+    """
+    dense = cfg.sft.vision_pretrain_steps > 0 or cfg.sft.dense_loss_weight > 0
+    trains_vision = (not cfg.policy.freeze_vision if cfg.sft.train_vision is None
+                     else cfg.sft.train_vision)
+    if dense and not trains_vision:
+        raise ConfigError("config keys 'sft.vision_pretrain_steps' / 'sft.dense_loss_weight' "
+                          "train the vision tower: set sft.train_vision=true")
+    if dense and cfg.data.source != "synthetic":
+        raise ConfigError("config keys 'sft.vision_pretrain_steps' / 'sft.dense_loss_weight' "
+                          "need the synthetic data's geometry (data.source=synthetic); set "
+                          "both to 0 for other data")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

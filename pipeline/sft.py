@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.batch import PromptBatch, RolloutBatch
-from pipeline.config import Config, parse_args
+from pipeline.config import Config, check_sft, parse_args
 
 
 def _answer_target(offset: int, row: dict, tokenizer) -> tuple[int, list, list[int]]:
@@ -157,6 +157,7 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     from pipeline.data import load_split
     from pipeline.trainer import train
 
+    check_sft(cfg)
     # The sft section may run the policy engine differently from the later stages.
     policy = cfg.policy
     if cfg.sft.zero_stage is not None:

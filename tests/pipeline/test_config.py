@@ -103,3 +103,16 @@ def test_cli_rejects_unknown_key_with_its_name():
 def test_cli_missing_file_is_clear():
     out = _cli("--config", "configs/nope.yaml")
     assert out.returncode != 0 and "config file not found" in out.stderr
+
+
+def test_sft_recipe_checks_only_bind_pipeline_sft(tmp_path):
+    from pipeline.config import check_sft
+
+    # tiny.yaml's dense SFT recipe does not stop other stages from using other data ...
+    cfg = load_config("configs/tiny.yaml", ["data.source=jsonl", f"data.path={tmp_path}/x.jsonl"])
+    # ... but pipeline.sft says what to change
+    with pytest.raises(ConfigError, match=r"data\.source=synthetic"):
+        check_sft(cfg)
+    with pytest.raises(ConfigError, match=r"sft\.train_vision=true"):
+        check_sft(load_config("configs/tiny.yaml", ["sft.train_vision=false"]))
+    check_sft(load_config("configs/tiny.yaml"))  # the shipped recipe is consistent
