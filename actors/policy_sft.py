@@ -1,9 +1,9 @@
-"""The warm start's update of one policy rank: answer NLL, dense per-cell loss, box attention.
+"""The warm start's update of one policy rank: answer NLL, dense per-cell loss, attention terms.
 
 Owns the per-micro-batch arithmetic of `PolicyActor.train_step(batch, "sft" | "dense")`: the
 answers-only negative log-likelihood (global token mean, see actors/policy.py on
 normalisation), the dense per-cell loss of the vision tower (pipeline.dense; synthetic data
-only) and the box-attention term (actors/answer_attention.py). Must not build the engine
+only) and the box- and word-attention terms (actors/answer_attention.py). Must not build the engine
 (actors/policy.py does) nor talk to Ray or MLflow.
 """
 
@@ -69,7 +69,7 @@ def _attention_terms(actor, batch: RolloutBatch, rows: list[int], inputs: dict,
 
 def sft_step(actor, batch: RolloutBatch, loss: str, dense_weight: float) -> dict[str, float]:
     """One optimiser step of "sft" (answer NLL where extras["loss_mask"] is 1, plus
-    `dense_weight` x the dense loss and the actor's box-attention weight x that term) or
+    `dense_weight` x the dense loss and the actor's weighted attention terms) or
     "dense" (the dense loss alone; the whole model still runs forward through the engine,
     which ZeRO-3's gradient accumulation relies on)."""
     actor.engine.train()
