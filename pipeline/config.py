@@ -100,6 +100,12 @@ class SyntheticConfig:
     max_object_px: int = 72
     question_types: list[str] = field(default_factory=lambda: ["color", "shape", "number"])
     background_noise: float = 0.0  # std of per-pixel grey noise, 0..255
+    # distinct: every object its own colour and shape kind (the easy default); cluttered: the
+    # hard task's near-duplicates, adjacent shape-box pairs and two-step questions
+    # (pipeline/synthetic_hard.py)
+    scene: str = "distinct"
+    pairs_per_image: int = 1  # cluttered: boxes placed right next to a shape
+    clutter: int = 0  # grey strokes drawn on the background
 
 
 @dataclass
@@ -344,8 +350,9 @@ CHOICES = {
     "algo.advantage": ("grpo", "drgrpo"),
     "algo.loss_agg": ("token", "sequence"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_SPREAD"),
+    "data.synthetic.scene": ("distinct", "cluttered"),
 }
-QUESTION_TYPES = ("color", "shape", "number")
+QUESTION_TYPES = ("color", "shape", "number", "number_right_of", "object_left_of")
 
 
 def _known_keys(schema: Any, prefix: str = "") -> dict[str, Any]:
@@ -402,6 +409,10 @@ def _validate(cfg: Config) -> None:
     if bad_types or not cfg.data.synthetic.question_types:
         raise ConfigError(f"config key 'data.synthetic.question_types' has {sorted(bad_types)}; "
                           f"choose a non-empty subset of {QUESTION_TYPES}")
+    two_step = {"number_right_of", "object_left_of"} & set(cfg.data.synthetic.question_types)
+    if two_step and cfg.data.synthetic.scene != "cluttered":
+        raise ConfigError(f"config key 'data.synthetic.question_types' has {sorted(two_step)}, "
+                          "which need data.synthetic.scene=cluttered (its shape-box pairs)")
     for name in ("n", "max_new_tokens", "num_engines", "tensor_parallel_size"):
         if getattr(cfg.rollout, name) < 1:
             raise ConfigError(f"config key 'rollout.{name}' must be at least 1")

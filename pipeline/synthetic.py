@@ -51,9 +51,12 @@ QUESTION_TEMPLATES = {
 
 
 def task_vocabulary() -> list[str]:
-    """Every word the task's questions and answers use; the tiny tokenizer makes each one token."""
+    """Every word the task's questions and answers use (the easy and the cluttered scenes');
+    the tiny tokenizer makes each one token."""
+    from pipeline.synthetic_hard import HARD_TEMPLATES
+
     words = set(COLORS) | set(SHAPES) | {BOX_KIND} | {str(n) for n in range(100)}
-    for template in QUESTION_TEMPLATES.values():
+    for template in (*QUESTION_TEMPLATES.values(), *HARD_TEMPLATES.values()):
         words |= set(template.replace("?", " ").replace("{", " ").replace("}", " ").split())
     return sorted(words)
 
@@ -159,33 +162,45 @@ def make_scene(cfg: SyntheticConfig, rng: np.random.Generator) -> list[SceneObje
 
 def render(cfg: SyntheticConfig, objects: list[SceneObject],
            rng: np.random.Generator) -> Image.Image:
+    from pipeline.synthetic_hard import draw_clutter
+
     canvas = np.empty((cfg.image_size, cfg.image_size, 3), dtype=np.float32)
     canvas[:] = BACKGROUND
     if cfg.background_noise > 0:
         canvas += rng.normal(0.0, cfg.background_noise, size=canvas.shape)
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
+    draw_clutter(draw, cfg, rng)
     for obj in objects:
         draw_object(draw, obj)
     return image
 
 
-def make_questions(cfg: SyntheticConfig, objects: list[SceneObject],
-                   rng: np.random.Generator) -> list[tuple[str, str, str, SceneObject]]:
-    """Up to `questions_per_image` distinct (type, question, answer, target) tuples."""
+def _distinct_candidates(cfg: SyntheticConfig, objects: list[SceneObject]) -> list[tuple]:
     candidates = []
     for obj in objects:
         if obj.kind == BOX_KIND:
             if "number" in cfg.question_types:
                 candidates.append(("number", QUESTION_TEMPLATES["number"].format(color=obj.color),
-                                   str(obj.digit), obj))
+                                   str(obj.digit), obj, None))
             continue
         if "color" in cfg.question_types:
             candidates.append(("color", QUESTION_TEMPLATES["color"].format(shape=obj.kind),
-                               obj.color, obj))
+                               obj.color, obj, None))
         if "shape" in cfg.question_types:
             candidates.append(("shape", QUESTION_TEMPLATES["shape"].format(color=obj.color),
-                               obj.kind, obj))
+                               obj.kind, obj, None))
+    return candidates
+
+
+def make_questions(cfg: SyntheticConfig, objects: list[SceneObject],
+                   rng: np.random.Generator) -> list[tuple]:
+    """Up to `questions_per_image` distinct (type, question, answer, target, anchor) tuples;
+    the anchor is the object a two-step question starts from (None for one-step ones)."""
+    from pipeline.synthetic_hard import cluttered_candidates
+
+    candidates = (cluttered_candidates(cfg, objects) if cfg.scene == "cluttered"
+                  else _distinct_candidates(cfg, objects))
     # Pick a question type first, then a question of that type, so types stay balanced even
     # though an image has more shapes than boxes.
     by_type: dict[str, list] = {}
@@ -204,22 +219,27 @@ def make_questions(cfg: SyntheticConfig, objects: list[SceneObject],
 def generate_split(cfg: SyntheticConfig, split: str) -> Iterator[dict]:
     """Yields the rows of one split in the common schema (plus task fields).
 
-    Row fields: id, image (PIL), question, answer, boxes (list of xyxy pixel boxes),
+    Row fields: id, image (PIL), question, answer, boxes (list of xyxy pixel boxes: the target,
+    then the anchor of a two-step question, since both are needed to answer it),
     question_type, image_id, objects (JSON list of every object in the image).
     """
+    from pipeline.synthetic_hard import make_cluttered_scene
+
     count = {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}[split]
     for index in range(count):
         rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
-        objects = make_scene(cfg, rng)
+        objects = (make_cluttered_scene(cfg, rng) if cfg.scene == "cluttered"
+                   else make_scene(cfg, rng))
         image = render(cfg, objects, rng)
         objects_json = json.dumps([o.as_dict() for o in objects])
-        for q, (qtype, question, answer, target) in enumerate(make_questions(cfg, objects, rng)):
+        for q, (qtype, question, answer, target, anchor) in enumerate(
+                make_questions(cfg, objects, rng)):
             yield {
                 "id": f"{split}-{index:06d}-q{q}",
                 "image": image,
                 "question": question,
                 "answer": answer,
-                "boxes": [[float(v) for v in target.box]],
+                "boxes": [[float(v) for v in o.box] for o in (target, anchor) if o],
                 "question_type": qtype,
                 "image_id": f"{split}-{index:06d}",
                 "objects": objects_json,

@@ -80,3 +80,67 @@ def test_question_types_knob_and_vocabulary():
     for row in _rows(num_train=20, questions_per_image=3):
         assert set(row["question"].rstrip("?").split()) <= vocab
         assert row["answer"] in vocab
+
+
+HARD = dict(scene="cluttered", image_size=336, min_shapes=6, max_shapes=7, min_boxes=2,
+            max_boxes=3, pairs_per_image=2, min_object_px=28, max_object_px=44, clutter=40,
+            questions_per_image=5,
+            question_types=["color", "shape", "number", "number_right_of", "object_left_of"])
+
+
+def test_cluttered_scene_has_near_duplicates_and_unambiguous_questions():
+    from pipeline.synthetic_hard import right_of
+
+    rows = _rows(num_train=30, **HARD)
+    assert {r["question_type"] for r in rows} == set(HARD["question_types"])
+    repeated_color = repeated_kind = 0
+    for row in rows:
+        objects = json.loads(row["objects"])
+        shapes = [o for o in objects if o["kind"] != "box"]
+        boxes = [o for o in objects if o["kind"] == "box"]
+        assert len(objects) >= 8, row["id"]  # 6-7 shapes + 2-3 boxes, all placed
+        repeated_color += len({o["color"] for o in objects}) < len(objects)
+        repeated_kind += len({o["kind"] for o in shapes}) < len(shapes)
+        assert len({(o["color"], o["kind"]) for o in shapes}) == len(shapes)
+        assert len({o["color"] for o in boxes}) == len(boxes)
+        target = [o for o in objects if [float(v) for v in o["box"]] == row["boxes"][0]][0]
+        qtype, question = row["question_type"], row["question"]
+        if qtype == "number_right_of":
+            anchor = [o for o in shapes if [float(v) for v in o["box"]] == row["boxes"][1]][0]
+            assert f"the {anchor['color']} {anchor['kind']}?" in question
+            assert [b for b in boxes if right_of(b["box"], anchor["box"])] == [target]
+            assert row["answer"] == str(target["digit"])
+        elif qtype == "object_left_of":
+            box = [o for o in boxes if [float(v) for v in o["box"]] == row["boxes"][1]][0]
+            assert f"the {box['color']} box?" in question
+            assert [o for o in objects if right_of(box["box"], o["box"])] == [target]
+            assert row["answer"] == f"{target['color']} {target['kind']}"  # two tokens
+        elif qtype == "color":  # the named kind occurs once among the shapes
+            assert sum(o["kind"] in question for o in shapes) == 1
+            assert row["answer"] == target["color"]
+        elif qtype == "shape":  # the named colour occurs once among all objects
+            assert sum(o["color"] in question.split() or f"{o['color']}?" in question
+                       for o in objects) == 1
+            assert row["answer"] == target["kind"]
+        else:
+            assert row["answer"] == str(target["digit"]) and target["color"] in question
+    # Near-duplicates in almost every image: the point of the cluttered scene.
+    images = len({r["image_id"] for r in rows})
+    assert repeated_color >= 0.8 * len(rows) and repeated_kind >= 0.8 * len(rows), images
+
+
+def test_cluttered_words_are_task_vocabulary():
+    vocab = set(task_vocabulary())
+    for row in _rows(num_train=10, **HARD):
+        assert set(row["question"].rstrip("?").split()) <= vocab
+        assert set(row["answer"].split()) <= vocab
+
+
+def test_two_step_questions_need_the_cluttered_scene():
+    import pytest
+
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="scene=cluttered"):
+        load_config("configs/tiny.yaml",
+                    ["data.synthetic.question_types=[number,number_right_of]"])
