@@ -86,7 +86,7 @@ class PolicyActor:
     Args:
         dist: this rank's place in the group.
         policy_cfg: the `policy` config section.
-        model_cfg: the `model` config section (dtype, trust_remote_code).
+        model_cfg: the `model` config section (dtype, trust_remote_code, image sizes).
         model_path: HF checkpoint folder to start from.
         seed: torch seed (same on every rank).
         total_steps: optimiser steps of the run, for the LR schedule.
@@ -114,7 +114,9 @@ class PolicyActor:
                  grpo: dict | None = None, lr_restart_step: int = 0,
                  vision_pretrain_lr: float = 0.0, box_attention: dict | None = None):
         import deepspeed
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from glimpseprune.processor import load_processor
 
         dist.export_env()
         torch.manual_seed(seed)
@@ -126,8 +128,7 @@ class PolicyActor:
         self.glimpse_cfg, self.grpo = glimpse_cfg, grpo
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         bf16 = self.device.type == "cuda" and model_cfg.dtype == "bfloat16"
-        self.processor = AutoProcessor.from_pretrained(
-            model_path, trust_remote_code=model_cfg.trust_remote_code)
+        self.processor = load_processor(model_path, model_cfg)
         dtype = torch.bfloat16 if bf16 else torch.float32
         if self.glimpse:
             self._init_glimpse(deepspeed, model_path, glimpse_cfg, dtype, seed, total_steps, bf16)

@@ -24,7 +24,7 @@ class ReferenceActor:
     Args:
         dist: this rank's place in the group.
         reference_cfg: the `reference` config section.
-        model_cfg: the `model` section (dtype, trust_remote_code).
+        model_cfg: the `model` section (dtype, trust_remote_code, image sizes).
         glimpse_cfg: the `glimpse` section (the modules are loaded but never run here).
         model_path: HF checkpoint folder of the stage-2 starting point.
     """
@@ -32,9 +32,9 @@ class ReferenceActor:
     def __init__(self, dist: DistInfo, reference_cfg: ReferenceConfig, model_cfg: ModelConfig,
                  glimpse_cfg: GlimpseConfig, model_path: str):
         import deepspeed
-        from transformers import AutoProcessor
 
         from glimpseprune.model import GlimpsePruneModel
+        from glimpseprune.processor import load_processor
 
         dist.export_env()
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -42,8 +42,7 @@ class ReferenceActor:
         self.dist, self.cfg = dist, reference_cfg
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         bf16 = self.device.type == "cuda" and model_cfg.dtype == "bfloat16"
-        self.processor = AutoProcessor.from_pretrained(
-            model_path, trust_remote_code=model_cfg.trust_remote_code)
+        self.processor = load_processor(model_path, model_cfg)
         model = GlimpsePruneModel.from_pretrained(
             model_path, glimpse_cfg, dtype=torch.bfloat16 if bf16 else torch.float32)
         model.requires_grad_(False).eval()

@@ -66,9 +66,6 @@ class RolloutActor:
             prepass_batch_size: prompts per pre-pass forward.
             **engine_kwargs: further `vllm.LLM` arguments (e.g. max_num_batched_tokens).
         """
-        from transformers import AutoProcessor
-
-        from glimpseprune.model import GlimpsePruneModel
         from glimpseprune.vllm_engine import start_engine
         from glimpseprune.vllm_plugin import engine_overrides
 
@@ -76,16 +73,25 @@ class RolloutActor:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self.cfg, self.glimpse_cfg = rollout_cfg, glimpse_cfg
         self.max_image_pixels, self.prepass_batch_size = max_image_pixels, prepass_batch_size
+        self._load_prepass(model_path, model_cfg, glimpse_cfg, seed)
+        self.llm = start_engine(model_path, model_cfg, rollout_cfg, seed,
+                                **{**engine_overrides(), **engine_kwargs})
+
+    def _load_prepass(self, model_path: str, model_cfg: ModelConfig, glimpse_cfg: GlimpseConfig,
+                      seed: int) -> None:
+        """The pre-pass half of the actor, no engine: the transformers model, the processor
+        (model.min_pixels / max_pixels, the sizes the engine gets too) and the mask generator."""
+        from glimpseprune.model import GlimpsePruneModel
+        from glimpseprune.processor import load_processor
+
         # The pre-pass runs on this actor's GPU when Ray gave it one (else CPU).
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.model = GlimpsePruneModel.from_pretrained(
             model_path, glimpse_cfg, dtype=getattr(torch, model_cfg.dtype), seed=seed
         ).to(self.device)
-        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.processor = load_processor(model_path, model_cfg)
         self.processor.tokenizer.padding_side = "left"
         self.generator = torch.Generator().manual_seed(seed)
-        self.llm = start_engine(model_path, model_cfg, rollout_cfg, seed,
-                                **{**engine_overrides(), **engine_kwargs})
 
     # ------------------------------------------------------------------ pre-pass
     def _check_image(self, image) -> str | None:

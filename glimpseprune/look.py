@@ -6,6 +6,10 @@ PNG of the image with the kept tokens' cells highlighted and the pruned ones dim
 train or change any weights.
 
     python -m glimpseprune.look --model DIR [--modules DIR] --image PATH --question TEXT [--out DIR]
+        [--min-pixels N] [--max-pixels N]
+
+Images are resized into [--min-pixels, --max-pixels] (the `model.min_pixels` / `max_pixels`
+defaults unless given), not into the sizes the checkpoint's processor saved.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+
+from pipeline.config import GlimpseConfig, ModelConfig
 
 
 def highlight(image: Image.Image, keep_mask_V: torch.Tensor,
@@ -46,15 +52,16 @@ def highlight(image: Image.Image, keep_mask_V: torch.Tensor,
 
 def look(model_dir: str, image_path: str, question: str, out_dir: str,
          modules_dir: str | None = None, max_new_tokens: int = 16, threshold: float = 0.5,
-         max_keep_ratio: float | None = None) -> dict:
-    """Runs one pruned generation and writes the highlight PNG. Returns the printed record."""
-    from transformers import AutoProcessor
+         max_keep_ratio: float | None = None, model_cfg: ModelConfig | None = None) -> dict:
+    """Runs one pruned generation and writes the highlight PNG. Returns the printed record.
 
+    `model_cfg` gives the image sizes and trust_remote_code (None: the `model` defaults).
+    """
     from glimpseprune.model import GlimpsePruneModel
-    from pipeline.config import GlimpseConfig
+    from glimpseprune.processor import load_processor
     from pipeline.prompts import prompt_text
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir, model_cfg or ModelConfig())
     glimpse_cfg = GlimpseConfig(threshold=threshold, max_keep_ratio=max_keep_ratio)
     try:
         image = Image.open(image_path).convert("RGB")
@@ -91,9 +98,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threshold", type=float, default=0.5, help="keep = sigmoid > this")
     parser.add_argument("--max-keep-ratio", type=float, default=None, help="cap, e.g. 0.111")
+    defaults = ModelConfig()
+    parser.add_argument("--min-pixels", type=int, default=defaults.min_pixels,
+                        help="resize images up to at least this many pixels (model.min_pixels; "
+                        "default %(default)s)")
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                        help="resize images down to at most this many pixels (model.max_pixels; "
+                        "default %(default)s)")
     args = parser.parse_args(argv)
+    model_cfg = ModelConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     record = look(args.model, args.image, args.question, args.out, args.modules,
-                  args.max_new_tokens, args.threshold, args.max_keep_ratio)
+                  args.max_new_tokens, args.threshold, args.max_keep_ratio, model_cfg)
     print(json.dumps(record))
 
 

@@ -35,13 +35,16 @@ DEMO_BUDGET = ["sft.total_steps=60", "sft.eval_every=60", "sft.vision_pretrain_s
 CHANCE = {"color": 1 / 7, "shape": 1 / 4, "number": 1 / 10}  # uniform guess over the answers
 
 
-def _greedy_ids_transformers(model_path, rows, max_new_tokens: int) -> list[list[int]]:
+def _greedy_ids_transformers(model_path, model_cfg, rows,
+                             max_new_tokens: int) -> tuple[list[list[int]], float]:
+    """Greedy answer ids per row, and the mean visual tokens per image they were given."""
     import torch
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from glimpseprune.processor import load_processor
     from pipeline.prompts import prompt_text
 
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = load_processor(model_path, model_cfg)
     processor.tokenizer.padding_side = "left"
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
     inputs = processor(text=[prompt_text(processor, r["question"]) for r in rows],
@@ -49,18 +52,20 @@ def _greedy_ids_transformers(model_path, rows, max_new_tokens: int) -> list[list
     with torch.no_grad():
         out = model.eval().generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     eos = model.generation_config.eos_token_id
+    merge = model.config.vision_config.spatial_merge_size
+    visual = int(inputs["image_grid_thw"].prod(-1).sum()) / merge**2 / len(rows)
     return [seq[: seq.index(eos) + 1] if eos in seq else seq
-            for seq in out[:, inputs["input_ids"].shape[1]:].tolist()]
+            for seq in out[:, inputs["input_ids"].shape[1]:].tolist()], visual
 
 
 def _greedy_ids_vllm(cfg, model_path, rows) -> list[list[int]]:
-    from transformers import AutoProcessor
     from vllm import SamplingParams
 
+    from glimpseprune.processor import load_processor
     from glimpseprune.vllm_engine import start_engine, stop_engine
     from pipeline.prompts import prompt_text
 
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = load_processor(model_path, cfg.model)
     llm = start_engine(model_path, cfg.model, cfg.rollout, seed=cfg.trainer.seed)
     requests = [{"prompt": prompt_text(processor, r["question"]),
                  "multi_modal_data": {"image": r["image"]}} for r in rows]
@@ -128,11 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = [splits["validation"][0][i] for i in range(min(16, len(splits["validation"][0])))]
     rows[0]["image"].save(out / "demo_image.png")
     seen = look(str(tuned), str(out / "demo_image.png"), rows[0]["question"], str(out),
-                modules_dir=str(MODULES_DIR))
+                modules_dir=str(MODULES_DIR), model_cfg=cfg.model)
     did.append(f"look: '{rows[0]['question']}' -> '{seen['answer']}' keeping "
                f"{seen['kept_tokens']}/{seen['visual_tokens']} visual tokens, PNG {seen['png']}")
     t0 = timer()
-    hf_ids = _greedy_ids_transformers(tuned, rows, cfg.rollout.max_new_tokens)
+    hf_ids, visual_tokens = _greedy_ids_transformers(tuned, cfg.model, rows,
+                                                     cfg.rollout.max_new_tokens)
     vllm_ids = _greedy_ids_vllm(cfg, tuned, rows)
     tokenizer = AutoTokenizer.from_pretrained(tuned)
 
@@ -143,11 +149,13 @@ def main(argv: list[str] | None = None) -> None:
 
     same = sum(a == b for a, b in zip(hf_ids, vllm_ids, strict=True))
     did.append(f"vLLM vs transformers on the embedded base, {len(rows)} questions: {same} "
-               f"identical greedy answers, accuracy {accuracy(vllm_ids):.3f} "
+               f"identical greedy answers at {visual_tokens:.0f} visual tokens per image "
+               f"(model.max_pixels {cfg.model.max_pixels}), accuracy {accuracy(vllm_ids):.3f} "
                f"({timer() - t0:.0f} s)")
     summary = {"sft": sft_summary, "glimpse": g_summary, "grpo": r_summary, "look": seen,
                "validation_questions": len(rows), "accuracy_transformers": accuracy(hf_ids),
                "accuracy_vllm": accuracy(vllm_ids), "same_tokens_vllm_vs_transformers": same,
+               "visual_tokens_per_image": visual_tokens,
                "chance": sum(CHANCE.get(r.get("question_type"), 0.0) for r in rows) / len(rows),
                "mlflow_parent_run_id": parent.run_id}
     parent.log({"eval/accuracy": summary["accuracy_vllm"]}, 0)

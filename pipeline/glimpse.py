@@ -29,9 +29,12 @@ class GlimpseStage:
     def __init__(self, cfg: Config, base: Path):
         from transformers import AutoTokenizer
 
+        from glimpseprune.processor import load_processor
+
         g = cfg.glimpse
         self.cfg, self.base = cfg, base
         self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.processor = load_processor(base, cfg.model)  # evaluation's; model.*_pixels
         self.total_steps, self.prompts_per_step = g.train_steps, g.train_prompts_per_step
         self.eval_every = g.train_eval_every
         self.checkpoint_every = cfg.checkpoint.every_steps
@@ -61,8 +64,6 @@ class GlimpseStage:
                 "data/no_boxes": self.rows_without_boxes}
 
     def evaluate(self, group, validation) -> dict[str, float]:
-        from transformers import AutoProcessor
-
         from glimpseprune.model import GlimpsePruneModel
         from pipeline.evaluate import evaluate_glimpse
 
@@ -72,8 +73,7 @@ class GlimpseStage:
                                                       modules_path=folder)
         rows = [validation[i] for i in range(min(self.cfg.trainer.eval_samples,
                                                   len(validation)))]
-        processor = AutoProcessor.from_pretrained(self.base)
-        return evaluate_glimpse(model, processor, rows, self.cfg.rollout.max_new_tokens)
+        return evaluate_glimpse(model, self.processor, rows, self.cfg.rollout.max_new_tokens)
 
     def export(self, group, folder: Path) -> dict:
         group.run("export_glimpse", str(folder / "glimpse_modules"))

@@ -129,13 +129,12 @@ def test_lora_trains_adapters_and_exports_merged_hf_weights(ray_local, tiny_mode
     assert not torch.equal(merged[q_proj], base[q_proj])  # the adapter was merged in
     embed = "model.language_model.embed_tokens.weight"
     assert torch.equal(merged[embed], base[embed])  # LoRA leaves untargeted weights alone
-    # The merged export computes what the trainer computed.
-    from transformers import AutoProcessor
-
+    # The merged export computes what the trainer computed (at the config's image size).
+    from glimpseprune.processor import load_processor
     from pipeline.prompts import prompt_text
 
     with torch.no_grad():
-        processor = AutoProcessor.from_pretrained(tiny_model_dir)
+        processor = load_processor(tiny_model_dir, cfg.model)
         row = batch.prompts
         enc = processor(text=[prompt_text(processor, row.questions[0])], images=[row.images[0]],
                         return_tensors="pt")
@@ -154,13 +153,15 @@ def test_lora_trains_adapters_and_exports_merged_hf_weights(ray_local, tiny_mode
 def test_trainer_logprobs_use_mrope_positions_like_the_pruned_forward(ray_local, tiny_model_dir):
     """The SFT trainer's forward must place tokens as generation, the pruned prefill and vLLM
     do (M-RoPE (t, h, w) ids). Regression: without mm_token_type_ids transformers 5 silently
-    used 1-D positions, so a base trained that way answered differently at inference."""
-    from transformers import AutoProcessor
-
+    used 1-D positions, so a base trained that way answered differently at inference.
+    Also the rank's processor takes model.max_pixels: tiny_model_dir saved 448 x 448, and
+    tiny.yaml's 224 x 224 turns the 448 px images into 8 x 8 = 64 tokens (256 at the saved size:
+    the log-probs would not match)."""
     from actors.batching import prompt_inputs
     from actors.group import ActorGroup
     from actors.policy import PolicyActor
     from glimpseprune.model import GlimpsePruneModel
+    from glimpseprune.processor import load_processor
 
     cfg = load_config("configs/tiny.yaml")
     batch = _batch(tiny_model_dir, rows=3)
@@ -170,8 +171,9 @@ def test_trainer_logprobs_use_mrope_positions_like_the_pruned_forward(ray_local,
     finally:
         group.shutdown()
     model = GlimpsePruneModel.from_pretrained(tiny_model_dir, cfg.glimpse)
-    inputs = prompt_inputs(AutoProcessor.from_pretrained(tiny_model_dir), batch, range(3),
+    inputs = prompt_inputs(load_processor(tiny_model_dir, cfg.model), batch, range(3),
                            torch.device("cpu"))
+    assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]] * 3  # 224 px / 14: 16 x 16
     with torch.no_grad():
         replay = model.replay_logprobs(inputs, [None] * 3, batch.response_ids)
     diff = max((torch.tensor(t) - r).abs().max().item() for t, r in zip(trainer, replay,
