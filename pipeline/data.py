@@ -99,11 +99,13 @@ def build_synthetic(data_cfg: DataConfig, output_dir: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split in ("train", "validation", "test"):
-        rows = []
+        rows, encoded = [], {}
         for row in generate_split(data_cfg.synthetic, split):
-            buffer = io.BytesIO()
-            row["image"].save(buffer, format="PNG")  # bytes, not PIL objects: memory stays small
-            rows.append({**row, "image": {"bytes": buffer.getvalue(), "path": None}})
+            if row["image_id"] not in encoded:  # an image's questions share one encoding
+                buffer = io.BytesIO()
+                row["image"].save(buffer, format="PNG")  # bytes, not PIL: memory stays small
+                encoded = {row["image_id"]: buffer.getvalue()}
+            rows.append({**row, "image": {"bytes": encoded[row["image_id"]], "path": None}})
         splits[split] = datasets.Dataset.from_list(rows, features=_features())
     tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=target.parent))
     datasets.DatasetDict(splits).save_to_disk(str(tmp))

@@ -4,11 +4,16 @@ recall of the target-box tokens, and the grounding checks of the embedded defaul
 Owns the evaluation rows' batching, greedy generation through GlimpsePruneModel (exact pruned
 prefill) with the keep rule, with every token kept, with only the target-box tokens and with
 every token but those; per-question-type accuracy against chance levels; and the
-`python -m pipeline.evaluate` command that writes them as JSON. Must not train. (Fixed-ratio
-baselines, latency and memory columns are not built yet.)
+`python -m pipeline.evaluate` command. Without --methods it writes the grounding checks as JSON;
+with --methods it compares pruning methods through both inference forms (the training-free
+fixed-ratio pruners at 11.1 / 22.2 / 33.3 % and at glimpseprune's own mean keep ratio;
+pipeline/eval_compare.py) and writes per-sample JSONL, an aggregate JSON, a table and a PNG
+plot, all logged to an MLflow `evaluate` run. Any data source works: per-type columns and
+chance levels appear only where rows have a `question_type`. Must not train.
 
     python -m pipeline.evaluate --config configs/tiny.yaml [--model DIR] [--modules DIR]
-        [--split test] [--limit N] [dotted.key=value ...]
+        [--split test] [--limit N] [--methods baseline,random,fastv,divprune,cdpruner,
+        glimpseprune,glimpseprune_plus --plus DIR --forms exact,vllm] [dotted.key=value ...]
 """
 
 from __future__ import annotations
@@ -74,8 +79,10 @@ def evaluate_glimpse(model, processor, rows: list[dict], max_new_tokens: int = 8
             "eval/box_recall": target_kept / max(target, 1)}
 
 
-# Answers each synthetic question type can have: uniform chance is one over their count.
-ANSWER_COUNTS = {"color": 7, "shape": 4, "number": 10}
+# Answers each synthetic question type can have: uniform chance is one over their count
+# (object_left_of: 7 colours x 4 shapes).
+ANSWER_COUNTS = {"color": 7, "shape": 4, "number": 10, "number_right_of": 10,
+                 "object_left_of": 28}
 
 
 def chance_levels(test_rows: list[dict], train_answers: dict[str, Counter]) -> dict[str, float]:
@@ -147,37 +154,68 @@ def evaluate_grounding(model, processor, rows: list[dict], max_new_tokens: int =
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoProcessor
+def _train_answers(cfg) -> dict[str, Counter]:
+    """Per question type, the TRAIN split's answer counts (empty where the source has no
+    train split or no question types: chance levels are then left out)."""
+    from pipeline.data import DataError, load_split
 
+    counts: dict[str, Counter] = defaultdict(Counter)
+    try:
+        train, _ = load_split(cfg.data, "train", cfg.output_dir)
+    except DataError:
+        return counts
+    if "question_type" not in train.column_names:
+        return counts
+    for qtype, answer in zip(train["question_type"], train["answer"], strict=True):
+        counts[qtype][normalise_answer(answer)] += 1
+    return counts
+
+
+def _options(parser) -> None:
+    parser.add_argument("--model", default="", help="HF folder (default: model.path or the tiny "
+                                                     "base)")
+    parser.add_argument("--modules", default="", help="glimpse modules folder: also evaluate "
+                                                       "pruning with its keep rule")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=0, help="first N rows (0: all)")
+    parser.add_argument("--methods", default="", help="comma-separated methods to compare: "
+                        "baseline, random, fastv, divprune, cdpruner, glimpseprune, "
+                        "glimpseprune_plus (or 'all')")
+    parser.add_argument("--plus", default="", help="a stage-2 (GRPO) export folder: the "
+                                                    "glimpseprune_plus method")
+    parser.add_argument("--forms", default="exact,vllm", help="inference forms: exact "
+                        "(transformers) and/or vllm; vllm reuses the exact pass's masks")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="the random pruner's seed")
+
+
+def main(argv: list[str] | None = None) -> None:
     from glimpseprune.model import GlimpsePruneModel
+    from glimpseprune.processor import load_processor
     from glimpseprune.tiny import resolve_base_model
     from pipeline.config import parse_args
     from pipeline.data import load_split
 
-    def options(parser) -> None:
-        parser.add_argument("--model", default="", help="HF folder (default: model.path or "
-                                                         "the tiny base)")
-        parser.add_argument("--modules", default="", help="glimpse modules folder: also "
-                                                           "evaluate pruning with its keep rule")
-        parser.add_argument("--split", default="test")
-        parser.add_argument("--limit", type=int, default=0, help="first N rows (0: all)")
-
-    cfg, args = parse_args(argv, "Held-out accuracy, grounding checks and chance levels.",
-                           options)
+    cfg, args = parse_args(argv, "Held-out accuracy, grounding checks, chance levels and the "
+                                 "comparison of pruning methods.", _options)
     model_dir = Path(args.model) if args.model else resolve_base_model(cfg.model, cfg.output_dir)
     rows, report = load_split(cfg.data, args.split, cfg.output_dir)
     rows = [rows[i] for i in range(min(args.limit or len(rows), len(rows)))]
-    train, _ = load_split(cfg.data, "train", cfg.output_dir)
-    train_answers: dict[str, Counter] = defaultdict(Counter)
-    for qtype, answer in zip(train["question_type"], train["answer"], strict=True):
-        train_answers[qtype][normalise_answer(answer)] += 1
+    train_answers = _train_answers(cfg)
+    typed = all(r.get("question_type") for r in rows) and bool(train_answers)
+    chance = chance_levels(rows, train_answers) if typed else {}
+    if args.methods:
+        from pipeline.eval_run import run_methods
+
+        run_methods(cfg, args, model_dir, rows, chance)
+        return
     model = GlimpsePruneModel.from_pretrained(model_dir, cfg.glimpse,
                                               modules_path=args.modules or None)
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir, cfg.model)
+    if not typed:
+        rows = [{**r, "question_type": r.get("question_type") or "all"} for r in rows]
     result = {"model": str(model_dir), "modules": args.modules, "split": args.split,
-              "rows": len(rows), "skipped": report.skipped,
-              **chance_levels(rows, train_answers),
+              "rows": len(rows), "skipped": report.skipped, **chance,
               **evaluate_grounding(model, processor, rows, cfg.rollout.max_new_tokens,
                                    with_pruning=bool(args.modules))}
     out = Path(cfg.output_dir) / "evaluate" / f"{args.split}.json"
