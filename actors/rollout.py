@@ -108,10 +108,7 @@ class RolloutActor:
         """Pre-pass of a few prompts: merged image embeddings and VIP logits, per prompt."""
         inputs = {k: v.to(self.device) for k, v in self.processor(
             text=texts, images=images, padding=True, return_tensors="pt").items()}
-        vip_logits = self.model.vip_logits(inputs)
-        core = self.model.base.model
-        embeds = core.get_image_features(inputs["pixel_values"],
-                                         inputs["image_grid_thw"]).pooler_output
+        vip_logits, embeds = self.model.vip_logits_and_image_embeds(inputs)
         out = []
         for b, text in enumerate(texts):
             num_visual = int(vip_logits[b].numel())
@@ -148,7 +145,10 @@ class RolloutActor:
         return results, errors
 
     def _keep_masks(self, vip_logits_V: torch.Tensor, n: int, greedy: bool) -> torch.Tensor:
-        """bool [n, V]: the keep rule's mask n times, or n Bernoulli draws (mask_mode sampled)."""
+        """bool [n, V]: the keep rule's mask n times, or n Bernoulli draws (mask_mode sampled),
+        or every token (mask_mode full, also when greedy: plain GRPO never prunes)."""
+        if self.cfg.mask_mode == "full":
+            return torch.ones(n, vip_logits_V.numel(), dtype=torch.bool)
         model = self.model
         if greedy or self.cfg.mask_mode == "shared":
             mask_V = keep_mask_from_logits(vip_logits_V, model.threshold, model.min_keep,

@@ -193,6 +193,14 @@ class GlimpsePruneModel(nn.Module):
         """Per row, [V_b] VIP logits (differentiable w.r.t. the glimpse modules; stage 1)."""
         return self._glimpse_pass(inputs)[-1]
 
+    def vip_logits_and_image_embeds(self, inputs: dict) -> tuple[list, list]:
+        """Per row, [V_b] VIP logits and [V_b, D] merged image embeddings (what the LLM
+        receives; a vLLM request of kept tokens carries these) from ONE pass: the vision tower
+        runs once, not once for the VIP and again for the embeddings."""
+        layout, *_, vip_logits = self._glimpse_pass(inputs)
+        embeds = [layout.embeds_BPD[b, layout.visual_index[b]] for b in range(len(vip_logits))]
+        return vip_logits, embeds
+
     def keep_masks(self, vip_logits: list[torch.Tensor]) -> list[torch.Tensor]:
         """The keep rule with this model's threshold / min_keep / max_keep_ratio."""
         return keep_masks_for_batch(vip_logits, self.threshold, self.min_keep,

@@ -148,7 +148,9 @@ class RolloutConfig:
     cpu_kv_cache_gib: int = 1
     enforce_eager: bool = True
     max_model_len: int = 1024
-    mask_mode: str = "sampled"  # shared (one mask per prompt) | sampled (one per sample)
+    # shared (one mask per prompt) | sampled (one per sample) | full (every token kept, in
+    # rollouts and evaluation alike: plain GRPO on full inputs, the ablation's control arm)
+    mask_mode: str = "sampled"
     mask_temperature: float = 1.0
     cpus_per_engine: float = 1
     gpus_per_engine: float = 0  # > 0 on GPU clusters: tensor_parallel_size GPUs per engine
@@ -342,7 +344,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "glimpse.train_loss": ("box", "distill", "box+distill"),
     "data.source": ("synthetic", "disk", "hub", "jsonl"),
-    "rollout.mask_mode": ("shared", "sampled"),
+    "rollout.mask_mode": ("shared", "sampled", "full"),
     "policy.lr_schedule": ("cosine", "constant"),
     "reward.correctness": ("exact", "numeric", "choice", "anls", "judge"),
     "reward.prune_bonus.form": ("linear",),
@@ -409,6 +411,9 @@ def _validate(cfg: Config) -> None:
     if bad_types or not cfg.data.synthetic.question_types:
         raise ConfigError(f"config key 'data.synthetic.question_types' has {sorted(bad_types)}; "
                           f"choose a non-empty subset of {QUESTION_TYPES}")
+    if cfg.rollout.mask_mode == "full" and cfg.algo.train_vip:
+        raise ConfigError("config keys 'rollout.mask_mode=full' and 'algo.train_vip=true' "
+                          "conflict: with every token kept there is no mask to learn from")
     two_step = {"number_right_of", "object_left_of"} & set(cfg.data.synthetic.question_types)
     if two_step and cfg.data.synthetic.scene != "cluttered":
         raise ConfigError(f"config key 'data.synthetic.question_types' has {sorted(two_step)}, "
