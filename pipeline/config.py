@@ -152,6 +152,8 @@ class RolloutConfig:
     # rollouts and evaluation alike: plain GRPO on full inputs, the ablation's control arm)
     mask_mode: str = "sampled"
     mask_temperature: float = 1.0
+    # Benchmarks only (pipeline.bench): every sample generates exactly max_new_tokens.
+    ignore_eos: bool = False
     cpus_per_engine: float = 1
     gpus_per_engine: float = 0  # > 0 on GPU clusters: tensor_parallel_size GPUs per engine
     # Custom Ray resources each engine needs, e.g. {rollout_node: 1} to pin engines to the
