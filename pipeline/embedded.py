@@ -1,14 +1,16 @@
-"""The embedded default's trained files: the committed tiny base, its stage-1 modules, their card.
+"""The embedded default's trained files: the committed tiny bases, their stage-1 modules, cards.
 
-Owns where the shipped checkpoint lives (`glimpseprune/embedded/tiny`), the card inside it (how it
+Owns where the shipped checkpoints live (`glimpseprune/embedded/tiny`, the easy task's default;
+`glimpseprune/embedded/tiny_hard`, the hard task's base of configs/tiny_hard.yaml), the card
+inside each (how it
 was made: command, seed, steps, hardware, wall time, measured figures, and the SHA-256 of every
 file) and the check that the files on disk are the ones the card describes. The card's figures
 come from the runs' own outputs (summary.json, pipeline.evaluate's JSON, MLflow run times),
 never typed in. Must not train or evaluate.
 
     python -m pipeline.embedded --output-dir RUN --command "python -m pipeline.sft ..." \
-        [--command "python -m pipeline.glimpse ..."] --hardware "..."   # copy RUN's exports in
-    python -m pipeline.embedded --verify                                # check the hashes
+        [--command "python -m pipeline.glimpse ..."] --hardware "..." [--name tiny_hard]
+    python -m pipeline.embedded --verify [--name tiny_hard]             # check the hashes
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from pathlib import Path
 
 # One folder laid out like a stage-2 export (HF weights + glimpse_modules/), so that it works
 # as `model.path`, as `trainer.init_from` and in `glimpseprune.look` alike.
-EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "glimpseprune" / "embedded" / "tiny"
+EMBEDDED_ROOT = Path(__file__).resolve().parent.parent / "glimpseprune" / "embedded"
+EMBEDDED_DIR = EMBEDDED_ROOT / "tiny"
 MODULES_DIR = EMBEDDED_DIR / "glimpse_modules"
+HARD_DIR = EMBEDDED_ROOT / "tiny_hard"  # configs/tiny_hard.yaml's base (issue F8)
 CARD_NAME = "card.json"
 
 
@@ -70,15 +74,20 @@ def _stage_record(output_dir: Path, stage: str, command: str) -> dict:
             "final_validation": {k: v for k, v in summary.items() if k.startswith("eval/")}}
 
 
-def write(output_dir: Path, commands: list[str], hardware: str, note: str = "") -> dict:
-    """Copies a run's SFT export and stage-1 modules into glimpseprune/embedded/tiny and
-    writes the card (figures from the run's summaries and `output_dir/evaluate/*.json`)."""
-    if EMBEDDED_DIR.exists():
-        shutil.rmtree(EMBEDDED_DIR)
-    shutil.copytree(output_dir / "sft" / "final", EMBEDDED_DIR)
-    shutil.copytree(output_dir / "glimpse" / "final" / "glimpse_modules", MODULES_DIR)
+def write(output_dir: Path, commands: list[str], hardware: str, note: str = "",
+          target: Path = EMBEDDED_DIR) -> dict:
+    """Copies a run's SFT export and stage-1 modules into `target` (glimpseprune/embedded/<name>)
+    and writes the card (figures from the run's summaries and `output_dir/evaluate/*.json`,
+    including a `--methods` comparison's summary.json)."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(output_dir / "sft" / "final", target)
+    shutil.copytree(output_dir / "glimpse" / "final" / "glimpse_modules",
+                    target / "glimpse_modules")
     evaluations = {p.stem: json.loads(p.read_text())
                    for p in sorted((output_dir / "evaluate").glob("*.json"))}
+    for methods in sorted((output_dir / "evaluate").glob("*-methods/summary.json")):
+        evaluations[methods.parent.name] = json.loads(methods.read_text())
     card = {
         "what": "the embedded default's trained tiny Qwen2.5-VL (pipeline.sft) with its stage-1 "
                 "glimpse modules (pipeline.glimpse) in glimpse_modules/; made by the project, "
@@ -87,9 +96,9 @@ def write(output_dir: Path, commands: list[str], hardware: str, note: str = "") 
         "base": _stage_record(output_dir, "sft", commands[0]),
         "glimpse": _stage_record(output_dir, "glimpse", commands[-1]),
         "evaluate": evaluations,
-        "files": file_hashes(EMBEDDED_DIR),
+        "files": file_hashes(target),
     }
-    (EMBEDDED_DIR / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    (target / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return card
 
 
@@ -101,15 +110,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hardware", default="", help="where it was trained")
     parser.add_argument("--note", default="", help="anything a reader of the card should know")
     parser.add_argument("--verify", action="store_true", help="check the files against the card")
+    parser.add_argument("--name", default="tiny", help="which embedded model: tiny (the easy "
+                                                        "default) or tiny_hard")
     args = parser.parse_args(argv)
+    target = EMBEDDED_ROOT / args.name
     if args.verify:
-        card = verify()
-        print(f"the {len(card['files'])} files under {EMBEDDED_DIR} match their card")
+        card = verify(target)
+        print(f"the {len(card['files'])} files under {target} match their card")
         return
     if not args.output_dir or not args.command:
         parser.error("--output-dir and --command are needed (or --verify)")
-    card = write(args.output_dir, args.command, args.hardware, args.note)
-    print(f"wrote {EMBEDDED_DIR / CARD_NAME}: {len(card['files'])} files")
+    card = write(args.output_dir, args.command, args.hardware, args.note, target)
+    print(f"wrote {target / CARD_NAME}: {len(card['files'])} files")
 
 
 if __name__ == "__main__":
