@@ -50,7 +50,7 @@ import torch
 from pipeline.batch import PromptBatch
 from pipeline.bench_cost import dims_from_config, predicted_ratios, pruned_flops, stock_flops
 from pipeline.config import Config, parse_args
-from pipeline.eval_compare import peak_memory
+from pipeline.measure import peak_memory
 
 MASK_MODES = ("shared", "sampled")
 

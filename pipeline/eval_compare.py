@@ -14,9 +14,7 @@ Must not aggregate or plot (pipeline/eval_report.py does).
 
 from __future__ import annotations
 
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +25,7 @@ from pipeline.eval_methods import (
     prefill_flops_ratio,
     row_signals,
 )
+from pipeline.measure import peak_memory
 from pipeline.prompts import normalise_answer
 from rewards.functions import anls
 
@@ -47,41 +46,6 @@ class Setting:
         if not self.label:
             self.label = self.method if self.keep_ratio is None else \
                 f"{self.method}@{self.keep_ratio:.3f}"
-
-
-@contextmanager
-def peak_memory(out: dict, key: str = "peak_mem_mb"):
-    """Peak memory during the block into out[key], MB: CUDA's allocator peak on a GPU, else the
-    largest resident set of this process and its children (vLLM's engine runs in a child),
-    sampled every 10 ms."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        yield
-        out[key] = torch.cuda.max_memory_allocated() / 2**20
-        return
-    import psutil
-
-    me, peak, done = psutil.Process(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass  # a child ended between listing and reading
-            peak[0] = max(peak[0], total)
-            done.wait(0.01)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        out[key] = peak[0] / 2**20
 
 
 def _record(form: str, setting: Setting, row: dict, prediction: str, mask_V: torch.Tensor,
