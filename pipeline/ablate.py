@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     for arm in order:
         for seed in seeds:
             steps = _sft_steps(args, init, [r["wall_s"] for a in GRPO_ARMS
-                                            for r in results[a]]) if arm == "sft_more" else 0
+                                            for r in results.get(a, [])]) \
+                if arm == "sft_more" else 0
             run_cfg = load_config(args.config, user + arm_overrides(arm, str(init), seed, out,
                                                                     steps))
             tick = time.perf_counter()
