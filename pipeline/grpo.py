@@ -241,6 +241,9 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dic
         "policy/clip_frac": train["clip_frac"], "policy/grad_norm": train["grad_norm"],
         "policy/lr": train["lr"], "policy/logprob_abs_diff": train["logprob_abs_diff"],
         "policy/vip_loss": train["vip_loss"], "policy/entropy": train["entropy"],
+        # the rollout's two halves, on the slowest engine (engines run side by side)
+        "timing_s/prepass": max(extras["prepass_s"]),
+        "timing_s/generate": max(extras["generate_s"]),
         "timing_s/rollout": t_rollout, "timing_s/reward": t_reward,
         "timing_s/reference": t_reference, "timing_s/train": t_train, **sync}
 

@@ -38,15 +38,3 @@ def test_stats_by_hand():
     assert stats["mean"] == pytest.approx(0.7) and stats["std"] == pytest.approx(0.2)
     assert _stats([0.3]) == {"mean": 0.3, "std": 0.0, "n": 1}
 
-
-def test_the_rollout_keeps_every_token_in_full_mode():
-    import torch
-
-    from actors.rollout import RolloutActor
-    from pipeline.config import RolloutConfig
-
-    actor = RolloutActor.__new__(RolloutActor)  # the mask rule only: no engine, no model
-    actor.cfg = RolloutConfig(mask_mode="full")
-    for greedy in (True, False):
-        masks = actor._keep_masks(torch.tensor([-5.0, 5.0, -5.0]), 4, greedy)
-        assert masks.shape == (4, 3) and bool(masks.all())
