@@ -1,0 +1,52 @@
+"""pipeline.bench_grpo's arithmetic and its two runs' configs (no run: the GRPO drivers it
+calls are covered by tests/e2e/test_grpo.py and test_ablate.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pipeline.bench_grpo import measured_steps, ratios, side_figures, side_overrides, table
+from pipeline.config import load_config
+
+
+def _record(step: float, train: float, evaluated: bool = False) -> dict[str, float]:
+    record = {"timing_s/step": step, "timing_s/train": train, "timing_s/prepass": 0.5,
+              "rollout/keep_ratio": 0.1}
+    return record | ({"eval/accuracy": 1.0} if evaluated else {})
+
+
+def test_the_first_step_and_evaluated_steps_are_not_timed():
+    records = {1: _record(9, 9), 2: _record(2, 1), 3: _record(4, 3), 4: _record(3, 2),
+               5: _record(8, 2, evaluated=True)}
+    assert measured_steps(records) == [2, 3, 4]
+    figures = side_figures(records)
+    assert figures["timing_s/step"] == 3 and figures["timing_s/train"] == 2  # medians
+    with pytest.raises(ValueError, match="at least 3 steps"):
+        side_figures({1: _record(1, 1), 2: _record(1, 1, evaluated=True)})
+
+
+def test_ratios_skip_the_pre_pass_plain_grpo_does_not_run():
+    pruned = {"timing_s/step": 3.0, "timing_s/train": 1.0, "timing_s/prepass": 0.5}
+    plain = {"timing_s/step": 6.0, "timing_s/train": 4.0, "timing_s/prepass": 0.001}
+    assert ratios(pruned, plain) == {"step": 0.5, "train": 0.25}
+    text = table({"image_size": 896, "prompts": 4, "group": 8, "new_tokens": 32,
+                  "pruned": dict(pruned, steps=[2, 3]), "plain": dict(plain, steps=[2, 3]),
+                  "ratios": ratios(pruned, plain)})
+    assert "step" in text and "0.500" in text and "0.250" in text
+
+
+def test_both_sides_load_and_differ_only_in_pruning(tmp_path):
+    args = argparse.Namespace(image_size=896, steps=5, prompts=4, group=8, new_tokens=32,
+                              max_keep_ratio=0.1, init="glimpseprune/embedded/tiny")
+    pruned = load_config("configs/tiny.yaml", side_overrides(args, "pruned", tmp_path))
+    plain = load_config("configs/tiny.yaml", side_overrides(args, "plain", tmp_path))
+    for cfg in (pruned, plain):
+        assert cfg.model.max_pixels == 896 * 896 and cfg.data.synthetic.image_size == 896
+        assert cfg.rollout.ignore_eos and cfg.rollout.max_new_tokens == 32
+        assert cfg.rollout.max_model_len > 1024 + 32  # 1,024 visual tokens fit
+        assert cfg.trainer.prompts_per_step == 4 and cfg.rollout.n == 8
+    assert pruned.rollout.mask_mode == "sampled" and pruned.glimpse.max_keep_ratio == 0.1
+    assert plain.rollout.mask_mode == "full" and not plain.algo.train_vip
+    assert plain.reward.prune_bonus.weight == 0
