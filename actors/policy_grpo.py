@@ -52,6 +52,26 @@ def _global_counts(batch, world: int) -> tuple[float, float]:
     return float(counts[0]), float(counts[1])
 
 
+def _distinct_prompts(actor, batch, rows: list[int]) -> dict:
+    """The micro-batch's distinct prompts as one processor batch (`vip_inputs`) and, per row,
+    its prompt's place in it (`vip_rows`): the VIP then runs once per prompt, not per sample.
+
+    The VIP is called once per prompt row, and under ZeRO-3 every call all-gathers its weights:
+    so every rank pads its distinct prompts (repeating the last) to the largest count of any
+    rank for this micro-batch, or a rank with fewer would leave the others waiting."""
+    firsts: dict[int, int] = {}
+    for i in rows:
+        firsts.setdefault(batch.prompt_index_B[i], i)
+    place = {prompt: k for k, prompt in enumerate(firsts)}
+    representatives = list(firsts.values())
+    if actor.dist.world_size > 1:
+        most = int(all_reduce_(torch.tensor([len(representatives)]),
+                               torch.distributed.ReduceOp.MAX))
+        representatives += representatives[-1:] * (most - len(representatives))
+    return {"vip_inputs": actor._prompt_inputs(batch, representatives),
+            "vip_rows": [place[batch.prompt_index_B[i]] for i in rows]}
+
+
 def grpo_step(actor, batch) -> dict[str, float]:
     """One optimiser step of GRPO over this rank's rows (see the module docstring).
 
@@ -84,7 +104,8 @@ def grpo_step(actor, batch) -> dict[str, float]:
         logprobs, vip_logits = engine(
             response_ids=[list(batch.response_ids[i]) for i in rows],
             keep_masks=keep_masks_of(batch, rows, actor.device), with_vip=cfg.train_vip,
-            entropies=entropies, **inputs)
+            entropies=entropies, **(_distinct_prompts(actor, batch, rows) if cfg.train_vip
+                                    else {}), **inputs)
         logp_BT, mask_BT = _pad(logprobs, logprobs[0])
         mask_BT[real:] = False  # padding rows (see equal_micro_batches) count nothing
         old_BT = logp_BT.detach()
