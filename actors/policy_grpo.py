@@ -52,9 +52,10 @@ def _global_counts(batch, world: int) -> tuple[float, float]:
     return float(counts[0]), float(counts[1])
 
 
-def _distinct_prompts(actor, batch, rows: list[int]) -> dict:
-    """The micro-batch's distinct prompts as one processor batch (`vip_inputs`) and, per row,
-    its prompt's place in it (`vip_rows`): the VIP then runs once per prompt, not per sample.
+def distinct_prompt_inputs(actor, batch, rows: list[int]) -> dict:
+    """The micro-batch's distinct prompts as one processor batch, and `prompt_rows` (per row,
+    its prompt's place in it): the vision tower, the glimpse pass and the VIP then run once per
+    prompt, not once per sample.
 
     The VIP is called once per prompt row, and under ZeRO-3 every call all-gathers its weights:
     so every rank pads its distinct prompts (repeating the last) to the largest count of any
@@ -68,8 +69,8 @@ def _distinct_prompts(actor, batch, rows: list[int]) -> dict:
         most = int(all_reduce_(torch.tensor([len(representatives)]),
                                torch.distributed.ReduceOp.MAX))
         representatives += representatives[-1:] * (most - len(representatives))
-    return {"vip_inputs": actor._prompt_inputs(batch, representatives),
-            "vip_rows": [place[batch.prompt_index_B[i]] for i in rows]}
+    return {"prompt_rows": [place[batch.prompt_index_B[i]] for i in rows],
+            **actor._prompt_inputs(batch, representatives)}
 
 
 def grpo_step(actor, batch) -> dict[str, float]:
@@ -99,13 +100,11 @@ def grpo_step(actor, batch) -> dict[str, float]:
     ref = batch.extras.get("ref_logprobs")
     for k, (rows, real) in enumerate(micro):
         engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-        inputs = actor._prompt_inputs(batch, rows)
         entropies: list[torch.Tensor] = []
         logprobs, vip_logits = engine(
             response_ids=[list(batch.response_ids[i]) for i in rows],
             keep_masks=keep_masks_of(batch, rows, actor.device), with_vip=cfg.train_vip,
-            entropies=entropies, **(_distinct_prompts(actor, batch, rows) if cfg.train_vip
-                                    else {}), **inputs)
+            entropies=entropies, **distinct_prompt_inputs(actor, batch, rows))
         logp_BT, mask_BT = _pad(logprobs, logprobs[0])
         mask_BT[real:] = False  # padding rows (see equal_micro_batches) count nothing
         old_BT = logp_BT.detach()
@@ -154,9 +153,9 @@ def replay_logprobs(actor, batch) -> list[list[float]]:
     out = []
     with torch.no_grad():
         for rows, real in actor._micro_batches(batch):
-            inputs = actor._prompt_inputs(batch, rows)
             logprobs, _ = actor.engine(
                 response_ids=[list(batch.response_ids[i]) for i in rows],
-                keep_masks=keep_masks_of(batch, rows, actor.device), **inputs)
+                keep_masks=keep_masks_of(batch, rows, actor.device),
+                **distinct_prompt_inputs(actor, batch, rows))
             out += [lp.float().cpu().tolist() for lp in logprobs[:real]]
     return out

@@ -34,6 +34,17 @@ class PromptLayout:
     def num_visual(self) -> list[int]:
         return [int(v.numel()) for v in self.visual_index]
 
+    def select(self, rows: list[int]) -> PromptLayout:
+        """The layout of the listed rows, in that order (a row may repeat: G samples of one
+        prompt share its layout, so the vision tower runs once per prompt)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.embeds_BPD.device)
+        pick = lambda values: [values[i] for i in rows]  # noqa: E731
+        return PromptLayout(
+            self.embeds_BPD[index], self.position_ids_3BP[:, index],
+            self.attention_mask_BP[index], pick(self.visual_index), pick(self.rows),
+            pick(self.cols), pick(self.image_ids), pick(self.grids_hw),
+            None if self.vit_features is None else pick(self.vit_features))
+
 
 def pooled_vit_features(visual, hidden_states: tuple, grid_thw: torch.Tensor,
                         blocks: list[int]) -> list[torch.Tensor]:

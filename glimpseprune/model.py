@@ -131,27 +131,26 @@ class GlimpsePruneModel(nn.Module):
 
     def forward(self, response_ids: list[list[int]] | None = None, keep_masks: list | None = None,
                 with_vip: bool = False, entropies: list | None = None,
-                vip_inputs: dict | None = None, vip_rows: list[int] | None = None, **inputs):
+                prompt_rows: list[int] | None = None, **inputs):
         """The training forward a DeepSpeed engine calls (one call per micro-batch).
 
         Without `response_ids` (stage 1): per row, [V_b] VIP logits. With them (stage 2): the
         replay log-probs of the responses on their keep masks (`replay_logprobs`; per-token
         entropies appended to `entropies` when it is a list), and the VIP logits too when
-        `with_vip` (GRPO's mask log-likelihood term), else None. The G samples of a prompt have
-        the same VIP logits: with `vip_inputs` (a processor batch of the distinct prompts) and
-        `vip_rows` (per row, its prompt's index in it) the glimpse pass runs once per prompt,
-        not once per sample, and each row gets its prompt's logits (the same tensor, so the
-        gradients of all its samples add up in one graph).
+        `with_vip` (GRPO's mask log-likelihood term), else None. With `prompt_rows` (per
+        response row, its prompt's row in `inputs`) `inputs` holds each distinct prompt once:
+        the G samples of a prompt share its vision-tower and glimpse passes, and its VIP
+        logits are one tensor, so the gradients of all its samples add up in one graph.
         """
         if response_ids is None:
             return self.vip_logits(inputs)
-        logprobs = replay_logprobs(self.base, inputs, keep_masks, response_ids, entropies)
+        logprobs = replay_logprobs(self.base, inputs, keep_masks, response_ids, entropies,
+                                   prompt_rows)
         if not with_vip:
             return logprobs, None
-        if vip_inputs is None:
-            return logprobs, self.vip_logits(inputs)
-        per_prompt = self.vip_logits(vip_inputs)
-        return logprobs, [per_prompt[j] for j in vip_rows]
+        per_prompt = self.vip_logits(inputs)
+        rows = range(len(per_prompt)) if prompt_rows is None else prompt_rows
+        return logprobs, [per_prompt[j] for j in rows]
 
     def stage1(self) -> GlimpsePruneModel:
         """Freezes the base (eval, no grads) and makes only glimpse + VIP trainable."""
