@@ -13,7 +13,9 @@ PNG plots. Must not change what the stages do: each arm is only config overrides
         [--arms full,no_bonus,bonus,sft_more] [--sft-steps N] [--test-limit N] [key=value ...]
 
 DIR holds a base and its stage-1 `glimpse_modules/` (an embedded-default folder or a stage-1 /
-stage-2 export).
+stage-2 export). Each finished (arm, seed) leaves `<arm>-s<seed>/ablate_result.json` and
+rewrites summary.json / curves.png; the same command after an interruption reuses the finished
+runs and runs only the rest (their child runs stay under the first parent run).
 """
 
 from __future__ import annotations
@@ -148,6 +150,16 @@ def main(argv: list[str] | None = None) -> None:
     order = [a for a in arms if a in GRPO_ARMS] + [a for a in arms if a not in GRPO_ARMS]
     for arm in order:
         for seed in seeds:
+            saved = out / f"{arm}-s{seed}" / "ablate_result.json"
+            if saved.is_file():  # finished by an earlier, interrupted ablate: not run again
+                earlier = json.loads(saved.read_text())
+                if earlier.get("overrides") != args.overrides:
+                    raise SystemExit(f"ablate: {saved} was made with the overrides "
+                                     f"{earlier.get('overrides')}, not {args.overrides}: use "
+                                     "another output_dir or delete it")
+                results[arm].append(earlier)
+                print(f"ablate: {arm} seed {seed}: reused {saved}", flush=True)
+                continue
             steps = _sft_steps(args, init, [r["wall_s"] for a in GRPO_ARMS
                                             for r in results.get(a, [])]) \
                 if arm == "sft_more" else 0
@@ -161,9 +173,28 @@ def main(argv: list[str] | None = None) -> None:
             test = test_accuracy(run_cfg, export, modules if modules.is_dir()
                                  else init / "glimpse_modules", args.test_limit)
             results[arm].append({"seed": seed, "wall_s": wall, "run_id": summary["mlflow_run_id"],
-                                 "sft_steps": steps or None, **test})
+                                 "sft_steps": steps or None, "overrides": args.overrides,
+                                 **test})
+            saved.write_text(json.dumps(results[arm][-1], indent=2) + "\n")
             print(f"ablate: {arm} seed {seed}: {json.dumps(results[arm][-1])}", flush=True)
-    curves = {arm: [{key: _history(parent.client, r["run_id"], key)
+            write_summary(parent.client, out, init, seeds, base_test, results)  # so far
+    table = write_summary(parent.client, out, init, seeds, base_test, results)
+    for name in ("summary.json", "curves.png"):
+        parent.client.log_artifact(parent.run_id, str(out / name), "ablate")
+    parent.log({f"{arm}/{key}_{stat}": value for arm, keys in table.items()
+                for key, stats in keys.items() for stat, value in stats.items()}, 0)
+    parent.finish()
+    for arm, keys in table.items():
+        print(f"{arm:10s} " + "  ".join(f"{k} {v['mean']:.3f}+-{v['std']:.3f}"
+                                         for k, v in keys.items()))
+    print(f"written: {out / 'summary.json'} (MLflow run {parent.run_id})")
+
+
+def write_summary(client, out: Path, init: Path, seeds: list[int], base_test: dict,
+                  results: dict[str, list[dict]]) -> dict:
+    """summary.json (mean / std over the finished seeds of every arm, `n` says how many) and
+    curves.png from the runs finished so far; returns the per-arm table."""
+    curves = {arm: [{key: _history(client, r["run_id"], key)
                      for key in ("eval/accuracy", "eval/keep_ratio")} for r in runs]
               for arm, runs in results.items()}
     table = {arm: {key: _stats([r[key] for r in runs]) for key in
@@ -174,15 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curves(curves, out / "curves.png")
-    for name in ("summary.json", "curves.png"):
-        parent.client.log_artifact(parent.run_id, str(out / name), "ablate")
-    parent.log({f"{arm}/{key}_{stat}": value for arm, keys in table.items()
-                for key, stats in keys.items() for stat, value in stats.items()}, 0)
-    parent.finish()
-    for arm, keys in table.items():
-        print(f"{arm:10s} " + "  ".join(f"{k} {v['mean']:.3f}+-{v['std']:.3f}"
-                                         for k, v in keys.items()))
-    print(f"written: {out / 'summary.json'} (MLflow run {parent.run_id})")
+    return table
 
 
 if __name__ == "__main__":

@@ -49,3 +49,17 @@ def test_ablate_full_grpo_and_sft_arms(tmp_path):
     assert grpo.data.params["rollout.mask_mode"] == "full"
     assert grpo.data.metrics["eval/keep_ratio"] == 1.0  # every token, in evaluation too
     assert "full/test/accuracy_pruned_mean" in parent.data.metrics
+
+    # The same command again (as after an interruption) reuses both finished runs: no new
+    # child run, the same figures; another budget in the same folder is refused.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-4000:]
+    assert again.stdout.count("reused") == 2
+    resumed = json.loads((tmp_path / "ablate" / "summary.json").read_text())
+    assert resumed["runs"] == summary["runs"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["stage"] for r in runs if r.data.tags.get("stage") != "ablate") \
+        == ["grpo", "sft"]
+    other = subprocess.run(cmd[:-1] + ["sft.prompts_per_step=3"], capture_output=True,
+                           text=True, timeout=900, env=env)
+    assert other.returncode != 0 and "another output_dir" in other.stderr
