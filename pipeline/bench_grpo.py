@@ -3,7 +3,8 @@
 Owns issue F11's GRPO-step measurement: two short `pipeline.grpo` runs from one starting point
 on the same prompts (same seed, so the same data order), one after the other in one process:
 - pruned: GlimpsePrune+ as configured (the glimpse pre-pass, vLLM on text + kept tokens, the
-  policy and reference replaying text + kept tokens), keep ratio capped by --max-keep-ratio;
+  policy and reference replaying text + kept tokens), every sampled mask fitted to exactly
+  --keep-ratio of the visual tokens (the keep budget's floor and cap);
 - plain: plain GRPO (rollout.mask_mode=full): stock vLLM on pixels with no pre-pass, every
   visual token in rollout, training and reference, no bonus, no VIP training.
 Both generate fixed-length responses (rollout.ignore_eos) so they produce the same number of
@@ -14,7 +15,7 @@ in MLflow (one parent run, the two GRPO runs as children).
 
     python -m pipeline.bench_grpo --config configs/tiny.yaml --init glimpseprune/embedded/tiny \\
         [--image-size 896] [--steps 5] [--prompts 4] [--group 8] [--new-tokens 32] \\
-        [--max-keep-ratio 0.1] [key=value ...]
+        [--keep-ratio 0.1] [key=value ...]
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def side_overrides(args, side: str, out: Path) -> list[str]:
         f"data.synthetic.num_train={args.prompts * args.steps}",
         "data.synthetic.num_validation=4", "data.synthetic.num_test=4",
         "data.synthetic.questions_per_image=1"]
-    if side == "pruned":
-        return common + [f"glimpse.max_keep_ratio={args.max_keep_ratio}"]
+    if side == "pruned":  # exactly this share kept: the budget's floor and cap are equal
+        kept = max(1, round(args.keep_ratio * (px // 28) ** 2))
+        return common + [f"glimpse.max_keep_ratio={args.keep_ratio}",
+                         f"glimpse.min_keep={kept}"]
     return common + SIDES[side]
 
 
@@ -140,8 +143,9 @@ def _options(parser) -> None:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--group", type=int, default=8, help="G, samples per prompt")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--max-keep-ratio", type=float, default=0.1,
-                        help="the pruned side's cap on kept / visual tokens")
+    parser.add_argument("--keep-ratio", type=float, default=0.1,
+                        help="the pruned side's kept / visual tokens (glimpse.min_keep and "
+                        "glimpse.max_keep_ratio both set to it, so every sampled mask keeps it)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(cfg.output_dir) / "bench_grpo"
     parent = Tracker(cfg, "bench_grpo")
     summary = {"image_size": args.image_size, "prompts": args.prompts, "group": args.group,
-               "new_tokens": args.new_tokens, "max_keep_ratio": args.max_keep_ratio,
+               "new_tokens": args.new_tokens, "keep_ratio": args.keep_ratio,
                "init": str(args.init)}
     for side in SIDES:
         run_cfg = load_config(args.config, [*args.overrides, f"tracking.uri={parent.uri}",

@@ -39,7 +39,7 @@ def test_ratios_skip_the_pre_pass_plain_grpo_does_not_run():
 
 def test_both_sides_load_and_differ_only_in_pruning(tmp_path):
     args = argparse.Namespace(image_size=896, steps=5, prompts=4, group=8, new_tokens=32,
-                              max_keep_ratio=0.1, init="glimpseprune/embedded/tiny")
+                              keep_ratio=0.1, init="glimpseprune/embedded/tiny")
     pruned = load_config("configs/tiny.yaml", side_overrides(args, "pruned", tmp_path))
     plain = load_config("configs/tiny.yaml", side_overrides(args, "plain", tmp_path))
     for cfg in (pruned, plain):
@@ -48,5 +48,6 @@ def test_both_sides_load_and_differ_only_in_pruning(tmp_path):
         assert cfg.rollout.max_model_len > 1024 + 32  # 1,024 visual tokens fit
         assert cfg.trainer.prompts_per_step == 4 and cfg.rollout.n == 8
     assert pruned.rollout.mask_mode == "sampled" and pruned.glimpse.max_keep_ratio == 0.1
+    assert pruned.glimpse.min_keep == 102  # 10% of 1,024: floor = cap
     assert plain.rollout.mask_mode == "full" and not plain.algo.train_vip
     assert plain.reward.prune_bonus.weight == 0
