@@ -144,11 +144,14 @@ class GlimpsePruneModel(nn.Module):
         """
         if response_ids is None:
             return self.vip_logits(inputs)
-        logprobs = replay_logprobs(self.base, inputs, keep_masks, response_ids, entropies,
-                                   prompt_rows)
         if not with_vip:
-            return logprobs, None
-        per_prompt = self.vip_logits(inputs)
+            return replay_logprobs(self.base, inputs, keep_masks, response_ids, entropies,
+                                   prompt_rows), None
+        # One vision-tower pass (with the ViT features the VIP reads) for both halves.
+        layout = build_layout(self.base, inputs, self.glimpse_modules.spec.vit_layers)
+        logprobs = replay_logprobs(self.base, inputs, keep_masks, response_ids, entropies,
+                                   prompt_rows, layout)
+        per_prompt = self._glimpse_pass(inputs, layout)[-1]
         rows = range(len(per_prompt)) if prompt_rows is None else prompt_rows
         return logprobs, [per_prompt[j] for j in rows]
 
@@ -158,14 +161,16 @@ class GlimpsePruneModel(nn.Module):
         self.glimpse_modules.requires_grad_(True).train()
         return self
 
-    def _glimpse_pass(self, inputs: dict):
-        """Layers 0..K over every token + the glimpse token, then the VIP.
+    def _glimpse_pass(self, inputs: dict, layout: PromptLayout | None = None):
+        """Layers 0..K over every token + the glimpse token, then the VIP (on `layout` when
+        given: it must carry the VIP's ViT features).
 
         Returns (layout, cache, hidden after layer K [B, P+1, D], positions [3, B, P+1],
         attention mask [B, P+1], vip_logits per row).
         """
         spec, text = self.glimpse_modules.spec, decoder.text_model(self.base)
-        layout = build_layout(self.base, inputs, spec.vit_layers)
+        if layout is None:
+            layout = build_layout(self.base, inputs, spec.vit_layers)
         glimpse_LD = self.glimpse_modules.glimpse_token().to(layout.embeds_BPD.dtype)
         batch, _, hidden_size = layout.embeds_BPD.shape
         hidden_BLD = torch.cat([layout.embeds_BPD, glimpse_LD[0].expand(batch, 1, hidden_size)], 1)

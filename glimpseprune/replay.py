@@ -12,21 +12,23 @@ from __future__ import annotations
 import torch
 
 from glimpseprune.decoder import causal_mask, lm_logits, rotary, run_layers, text_model
-from glimpseprune.layout import build_layout
+from glimpseprune.layout import PromptLayout, build_layout
 
 
 def pruned_sequences(base, inputs: dict, keep_masks: list, response_ids: list[list[int]],
-                     prompt_rows: list[int] | None = None):
+                     prompt_rows: list[int] | None = None, layout: PromptLayout | None = None):
     """Builds the left-padded pruned prompt + response batch.
 
     Args:
         prompt_rows: per response row, its prompt's row in `inputs` (None: row b is prompt b).
             The G samples of one prompt then share one vision-tower pass.
+        layout: `inputs` already laid out (the caller ran the vision tower), or None.
 
     Returns:
         embeds_BSD, position_ids_3BS, valid_BS (bool), and the response lengths T_b.
     """
-    layout = build_layout(base, inputs, None)
+    if layout is None:
+        layout = build_layout(base, inputs, None)
     if prompt_rows is not None:
         layout = layout.select(prompt_rows)
     device = layout.embeds_BPD.device
@@ -63,8 +65,8 @@ def pruned_sequences(base, inputs: dict, keep_masks: list, response_ids: list[li
 
 
 def replay_logprobs(base, inputs: dict, keep_masks: list, response_ids: list[list[int]],
-                    entropies: list | None = None,
-                    prompt_rows: list[int] | None = None) -> list[torch.Tensor]:
+                    entropies: list | None = None, prompt_rows: list[int] | None = None,
+                    layout: PromptLayout | None = None) -> list[torch.Tensor]:
     """Per-token log-probs of each row's response on its pruned prompt.
 
     Args:
@@ -76,13 +78,14 @@ def replay_logprobs(base, inputs: dict, keep_masks: list, response_ids: list[lis
         entropies: if a list is given, each row's per-token entropy of the next-token
             distribution [T_b] is appended to it (detached).
         prompt_rows: per row, its prompt's row in `inputs` (None: one prompt per row).
+        layout: `inputs` already laid out by the caller (None: lay them out here).
 
     Returns:
         per row, float32 [T_b]: log p(response[t] | pruned prompt, response[:t]).
     """
     text = text_model(base)
     embeds_BSD, positions_3BS, valid_BS, lengths = pruned_sequences(
-        base, inputs, keep_masks, response_ids, prompt_rows)
+        base, inputs, keep_masks, response_ids, prompt_rows, layout)
     hidden_BSD = run_layers(text, embeds_BSD, range(len(text.layers)),
                             causal_mask(text, embeds_BSD, valid_BS),
                             rotary(text, embeds_BSD, positions_3BS), None)

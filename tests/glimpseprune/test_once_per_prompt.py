@@ -54,6 +54,12 @@ def test_vip_once_per_prompt_equals_once_per_row(tiny_model_dir):
     assert len(once) == 5 and [len(lp) for lp in logp_once] == [1, 2, 3, 1, 2]
     for a, b in zip(per_row + logp_row, once + logp_once, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+    # and both equal the two halves run on their own (each with its own vision-tower pass)
+    with torch.no_grad():
+        alone_vip = model.vip_logits(inputs)
+        alone_logp = model.replay_logprobs(inputs, masks, [[5, 6, 7][:1 + b % 3] for b in rows])
+    for a, b in zip(alone_vip + alone_logp, per_row + logp_row, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
     assert grads_row and set(grads_row) == set(grads_once)
     worst = max(float((grads_row[n] - grads_once[n]).abs().max()) for n in grads_row)
     scale = max(float(g.abs().max()) for g in grads_row.values())
