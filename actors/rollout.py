@@ -49,6 +49,31 @@ def _base_parameter_names(model_path: str, model_cfg: ModelConfig) -> set[str]:
         return set(Qwen2_5_VLForConditionalGeneration(config).state_dict())
 
 
+def _empty_rollout(prompts: PromptBatch) -> tuple[RolloutBatch, dict[str, list]]:
+    batch = RolloutBatch(prompts=prompts, prompt_index_B=[], response_ids=[], keep_mask_BV=[],
+                         rollout_logprobs=[])
+    return batch, {k: [] for k in ("visual_tokens", "kept_tokens", "prompt_tokens",
+                                   "finish_reason", "error")}
+
+
+def _append_row(batch: RolloutBatch, extras: dict, prompt: int, output, completion,
+                mask: list[bool] | None, visual: int | None, kept: int | None) -> None:
+    """One response row into the batch and its extras; `output` is vLLM's request output or,
+    for a failed row, its error message (then `completion` is None)."""
+    failed = isinstance(output, str)
+    tokens = [] if failed else list(completion.token_ids)
+    batch.prompt_index_B.append(prompt)
+    batch.response_ids.append(tokens)
+    batch.keep_mask_BV.append(None if failed else mask)
+    batch.rollout_logprobs.append(None if failed else [
+        step[token].logprob for step, token in zip(completion.logprobs, tokens, strict=True)])
+    extras["visual_tokens"].append(visual)
+    extras["kept_tokens"].append(kept)
+    extras["prompt_tokens"].append(None if failed else len(output.prompt_token_ids))
+    extras["finish_reason"].append("error" if failed else completion.finish_reason)
+    extras["error"].append(output if failed else None)
+
+
 def _load_into_worker(worker, payload: bytes) -> int:
     """Runs inside each vLLM worker: loads HF-named weights (safetensors bytes) into its model."""
     from safetensors.torch import load
@@ -265,25 +290,14 @@ class RolloutActor:
         outputs = dict(zip(pending, self._run_engine([rows[k][2] for k in pending],
                                                      self._sampling_params(greedy)), strict=True))
         generate_s = time.perf_counter() - start
-        batch = RolloutBatch(prompts=prompts, prompt_index_B=[i for i, _, _ in rows],
-                             response_ids=[], keep_mask_BV=[], rollout_logprobs=[])
-        extras = {k: [] for k in ("visual_tokens", "kept_tokens", "prompt_tokens",
-                                  "finish_reason", "error")}
-        for k, (_, mask_V, request) in enumerate(rows):
+        batch, extras = _empty_rollout(prompts)
+        for k, (i, mask_V, request) in enumerate(rows):
             output = outputs.get(k, request)
-            failed = isinstance(output, str)
-            completion = None if failed else output.outputs[0]
-            tokens = [] if failed else list(completion.token_ids)
-            batch.response_ids.append(tokens)
-            batch.keep_mask_BV.append(None if failed else mask_V.tolist())
-            batch.rollout_logprobs.append(None if failed else [
-                step[token].logprob for step, token in zip(completion.logprobs, tokens,
-                                                           strict=True)])
-            extras["visual_tokens"].append(None if mask_V is None else int(mask_V.numel()))
-            extras["kept_tokens"].append(None if mask_V is None else int(mask_V.sum()))
-            extras["prompt_tokens"].append(None if failed else len(output.prompt_token_ids))
-            extras["finish_reason"].append("error" if failed else completion.finish_reason)
-            extras["error"].append(output if failed else None)
+            completion = None if isinstance(output, str) else output.outputs[0]
+            _append_row(batch, extras, i, output, completion,
+                        None if mask_V is None else mask_V.tolist(),
+                        None if mask_V is None else int(mask_V.numel()),
+                        None if mask_V is None else int(mask_V.sum()))
         extras["prepass_s"] = [prepass_s] * len(rows)
         extras["generate_s"] = [generate_s] * len(rows)
         batch.extras = extras
@@ -304,10 +318,7 @@ class RolloutActor:
             requests, self._sampling_params(greedy, 1 if greedy else n)), strict=True))
         generate_s = time.perf_counter() - start
         image_token = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
-        batch = RolloutBatch(prompts=prompts, prompt_index_B=[], response_ids=[],
-                             keep_mask_BV=[], rollout_logprobs=[])
-        extras = {k: [] for k in ("visual_tokens", "kept_tokens", "prompt_tokens",
-                                  "finish_reason", "error")}
+        batch, extras = _empty_rollout(prompts)
         for i in range(len(prompts)):
             output = outputs.get(i, errors[i])
             failed = isinstance(output, str)
@@ -315,18 +326,8 @@ class RolloutActor:
             completions = [None] * n if failed else \
                 (output.outputs * n if greedy else output.outputs)
             for completion in completions:
-                tokens = [] if failed else list(completion.token_ids)
-                batch.prompt_index_B.append(i)
-                batch.response_ids.append(tokens)
-                batch.keep_mask_BV.append(None if failed else [True] * visual)
-                batch.rollout_logprobs.append(None if failed else [
-                    step[token].logprob for step, token in zip(completion.logprobs, tokens,
-                                                               strict=True)])
-                extras["visual_tokens"].append(visual)
-                extras["kept_tokens"].append(visual)
-                extras["prompt_tokens"].append(None if failed else len(output.prompt_token_ids))
-                extras["finish_reason"].append("error" if failed else completion.finish_reason)
-                extras["error"].append(output if failed else None)
+                _append_row(batch, extras, i, output, completion,
+                            None if failed else [True] * visual, visual, visual)
         extras["prepass_s"] = [prepass_s] * len(batch)
         extras["generate_s"] = [generate_s] * len(batch)
         batch.extras = extras
