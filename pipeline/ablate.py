@@ -130,6 +130,25 @@ def _sft_steps(args, init: Path, grpo_wall: list[float]) -> int:
     return max(1, round(statistics.fmean(grpo_wall) / (base["wall_s"] / base["steps"])))
 
 
+def _finished_runs(out: Path, arms: list[str], seeds: list[int],
+                   overrides: list[str]) -> dict[tuple[str, int], dict]:
+    """The (arm, seed) results an earlier ablate left in `out`; refuses ones made with other
+    overrides (another budget must not be mixed into this one's means)."""
+    finished = {}
+    for arm in arms:
+        for seed in seeds:
+            saved = out / f"{arm}-s{seed}" / "ablate_result.json"
+            if not saved.is_file():
+                continue
+            earlier = json.loads(saved.read_text())
+            if earlier.get("overrides") != overrides:
+                raise SystemExit(f"ablate: {saved} was made with the overrides "
+                                 f"{earlier.get('overrides')}, not {overrides}: use another "
+                                 "output_dir or delete it")
+            finished[arm, seed] = earlier
+    return finished
+
+
 def main(argv: list[str] | None = None) -> None:
     from pipeline import grpo, sft
     from pipeline.config import load_config, parse_args
@@ -143,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"{', '.join(ARMS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     init, out = Path(args.init).resolve(), Path(cfg.output_dir) / "ablate"
+    finished = _finished_runs(out, arms, seeds, args.overrides)  # before any work
     parent = Tracker(cfg, "ablate")
     # Every child run logs into the parent's store (its own output_dir would give it another).
     user = [*args.overrides, f"tracking.uri={parent.uri}"]
@@ -153,13 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     for arm in order:
         for seed in seeds:
             saved = out / f"{arm}-s{seed}" / "ablate_result.json"
-            if saved.is_file():  # finished by an earlier, interrupted ablate: not run again
-                earlier = json.loads(saved.read_text())
-                if earlier.get("overrides") != args.overrides:
-                    raise SystemExit(f"ablate: {saved} was made with the overrides "
-                                     f"{earlier.get('overrides')}, not {args.overrides}: use "
-                                     "another output_dir or delete it")
-                results[arm].append(earlier)
+            if (arm, seed) in finished:  # by an earlier, interrupted ablate: not run again
+                results[arm].append(finished[arm, seed])
                 print(f"ablate: {arm} seed {seed}: reused {saved}", flush=True)
                 continue
             steps = _sft_steps(args, init, [r["wall_s"] for a in GRPO_ARMS
