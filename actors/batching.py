@@ -15,13 +15,19 @@ from pipeline.prompts import prompt_text
 
 
 def prompt_inputs(processor, batch: RolloutBatch, rows: range, device: torch.device) -> dict:
-    """A left-padded processor batch of the prompts of `rows` (one image each)."""
+    """A left-padded processor batch of the prompts of `rows` (one image each); with the
+    rollout's vision-tower outputs (`batch.prompts.vision`) as `vision` instead of pixels, so
+    the model does not run its frozen vision tower again."""
     prompts = [batch.prompt_index_B[i] for i in rows]
     processor.tokenizer.padding_side = "left"
     enc = processor(
         text=[prompt_text(processor, batch.prompts.questions[p]) for p in prompts],
         images=[batch.prompts.images[p] for p in prompts], padding=True, return_tensors="pt")
-    return {k: v.to(device) for k, v in enc.items() if k != "mm_token_type_ids"}
+    skip = {"mm_token_type_ids"} | ({"pixel_values"} if batch.prompts.vision else set())
+    out = {k: v.to(device) for k, v in enc.items() if k not in skip}
+    if batch.prompts.vision:
+        out["vision"] = [batch.prompts.vision[p] for p in prompts]
+    return out
 
 
 def keep_masks_of(batch: RolloutBatch, rows: range, device: torch.device) -> list:

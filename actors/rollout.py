@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from glimpseprune.keep import keep_mask_from_logits
+from glimpseprune.layout import PromptVision
 from glimpseprune.mask_sampling import sample_keep_masks
 from pipeline.batch import PromptBatch, RolloutBatch
 from pipeline.config import DataConfig, GlimpseConfig, ModelConfig, RolloutConfig
@@ -34,7 +35,7 @@ class PromptPrepass:
     text: str  # the prompt string with one image placeholder
     text_tokens: int  # prompt tokens other than visual ones
     grid_thw: list[int]  # the image's patch grid (1, H, W)
-    image_embeds_VD: torch.Tensor  # merged image embeddings, row-major
+    vision: PromptVision  # merged image embeddings (row-major) and the VIP's ViT features
     vip_logits_V: torch.Tensor
 
 
@@ -156,13 +157,14 @@ class RolloutActor:
         """Pre-pass of a few prompts: merged image embeddings and VIP logits, per prompt."""
         inputs = {k: v.to(self.device) for k, v in self.processor(
             text=texts, images=images, padding=True, return_tensors="pt").items()}
-        vip_logits, embeds = self.model.vip_logits_and_image_embeds(inputs)
+        vip_logits, vision = self.model.vip_logits_and_vision(inputs)
         out = []
         for b, text in enumerate(texts):
             num_visual = int(vip_logits[b].numel())
             out.append(PromptPrepass(
                 text, int(inputs["attention_mask"][b].sum()) - num_visual,
-                inputs["image_grid_thw"][b].tolist(), embeds[b].cpu(),
+                inputs["image_grid_thw"][b].tolist(),
+                PromptVision(vision[b].embeds_VD.cpu(), [f.cpu() for f in vision[b].vit_features]),
                 vip_logits[b].float().cpu()))
         return out
 
@@ -251,7 +253,7 @@ class RolloutActor:
                                  f"text + {int(mask_V.sum())} kept visual) leaves no room under "
                                  f"rollout.max_model_len={self.cfg.max_model_len}"))
                     continue
-                image = pruned_image_item(item.image_embeds_VD[mask_V], item.grid_thw, mask_V)
+                image = pruned_image_item(item.vision.embeds_VD[mask_V], item.grid_thw, mask_V)
                 rows.append((i, mask_V, {"prompt": item.text,
                                          "multi_modal_data": {"image": image}}))
         return rows
@@ -290,6 +292,11 @@ class RolloutActor:
         outputs = dict(zip(pending, self._run_engine([rows[k][2] for k in pending],
                                                      self._sampling_params(greedy)), strict=True))
         generate_s = time.perf_counter() - start
+        if self.cfg.reuse_vision and not greedy and all(prepass):
+            # The policy and reference then skip the (frozen) vision tower. Only when every
+            # prompt has them: failed prompts' rows are dropped before training anyway, and a
+            # partial list would have ZeRO-3 ranks disagree on whether the tower runs.
+            prompts = replace(prompts, vision=[item.vision for item in prepass])
         batch, extras = _empty_rollout(prompts)
         for k, (i, mask_V, request) in enumerate(rows):
             output = outputs.get(k, request)

@@ -4,8 +4,10 @@ Owns the translation of a processor batch (left-padded input_ids, attention_mask
 image_grid_thw) into the tensors the pruned forward needs: input embeddings with the image
 features scattered in, the ORIGINAL M-RoPE (t, h, w) ids from transformers' `get_rope_index`,
 each sample's visual token positions, their (row, col, image) on the merged grid, and the ViT
-hidden states of chosen blocks pooled per 2x2 merge unit in the order the LLM receives them.
-Must not run decoder layers (glimpseprune.decoder does) nor decide what to keep.
+hidden states of chosen blocks pooled per 2x2 merge unit in the order the LLM receives them -
+or, given a `PromptVision` per row from an earlier pass of the same frozen tower, those instead
+of running the tower. Must not run decoder layers (glimpseprune.decoder does) nor decide what
+to keep.
 """
 
 from __future__ import annotations
@@ -14,6 +16,16 @@ from dataclasses import dataclass
 
 import torch
 from transformers.vision_utils import get_vision_window_index
+
+
+@dataclass
+class PromptVision:
+    """One prompt's vision-tower outputs (CPU tensors when they travel): what `build_layout`
+    needs instead of running a frozen vision tower again (the rollout pre-pass makes them, the
+    policy and reference reuse them: rollout.reuse_vision)."""
+
+    embeds_VD: torch.Tensor  # merged image embeddings, what the LLM receives, row-major
+    vit_features: list[torch.Tensor]  # per VIP ViT block, [V, F] pooled per merge unit
 
 
 @dataclass
@@ -87,13 +99,17 @@ def _grid_cells(grid_thw: torch.Tensor, merge: int, device) -> tuple[list, list,
     return rows, cols, grids
 
 
-def build_layout(model, inputs: dict, vit_blocks: list[int] | None) -> PromptLayout:
+def build_layout(model, inputs: dict, vit_blocks: list[int] | None,
+                 vision: list | None = None) -> PromptLayout:
     """Embeds a processor batch and locates its visual tokens.
 
     Args:
         model: a `Qwen2_5_VLForConditionalGeneration`.
-        inputs: the processor's output (left-padded), with pixel_values and image_grid_thw.
+        inputs: the processor's output (left-padded), with image_grid_thw and pixel_values
+            (pixel_values may be absent when `vision` is given).
         vit_blocks: ViT blocks whose pooled outputs the VIP reads; None skips them.
+        vision: per row, a `pipeline.batch.PromptVision` that an earlier pass of this same
+            (frozen) vision tower made: the tower is not run at all then.
     """
     core = model.model
     input_ids = inputs["input_ids"]
@@ -104,25 +120,45 @@ def build_layout(model, inputs: dict, vit_blocks: list[int] | None) -> PromptLay
     if (input_ids == model.config.video_token_id).any():
         raise ValueError("video inputs are not supported by the pruned forward")
     grid_thw = inputs["image_grid_thw"]
-    vision = core.get_image_features(inputs["pixel_values"], grid_thw,
-                                     output_hidden_states=vit_blocks is not None,
-                                     return_dict=True)
-    image_embeds = torch.cat(vision.pooler_output, 0)
     embeds_BPD = core.get_input_embeddings()(input_ids)
     visual_BP = input_ids == image_token
+    pooled = None
+    if vision is None:
+        tower = core.get_image_features(inputs["pixel_values"], grid_thw,
+                                        output_hidden_states=vit_blocks is not None,
+                                        return_dict=True)
+        image_embeds = torch.cat(tower.pooler_output, 0)
+        if vit_blocks is not None:
+            pooled = pooled_vit_features(core.visual, tower.hidden_states, grid_thw, vit_blocks)
+    else:
+        image_embeds, pooled = _given_vision(vision, vit_blocks, embeds_BPD)
+    if image_embeds.shape[0] != int(visual_BP.sum()):
+        raise ValueError(f"{image_embeds.shape[0]} image embeddings for "
+                         f"{int(visual_BP.sum())} image tokens in the batch")
     embeds_BPD = embeds_BPD.masked_scatter(visual_BP[..., None],
                                            image_embeds.to(embeds_BPD.dtype))
     # The modality ids transformers' get_rope_index groups on: 1 for image tokens, 0 for text.
     position_ids_3BP, _ = core.get_rope_index(
         input_ids, mm_token_type_ids=visual_BP.long(), image_grid_thw=grid_thw,
         attention_mask=attention_mask_BP)
-    pooled = None
-    if vit_blocks is not None:
-        pooled = pooled_vit_features(core.visual, vision.hidden_states, grid_thw, vit_blocks)
     layout = PromptLayout(embeds_BPD, position_ids_3BP, attention_mask_BP.bool(), [], [], [],
                           [], [], None if pooled is None else [])
     _locate_visual_tokens(layout, visual_BP, grid_thw, core.visual.spatial_merge_size, pooled)
     return layout
+
+
+def _given_vision(vision: list, vit_blocks: list[int] | None, like: torch.Tensor):
+    """Image embeddings [V_total, D] and, per ViT block, [V_total, F] from per-row features,
+    on the device and in the dtype of `like`."""
+    embeds = torch.cat([v.embeds_VD for v in vision], 0).to(like)
+    if vit_blocks is None:
+        return embeds, None
+    for b, v in enumerate(vision):
+        if len(v.vit_features) != len(vit_blocks):
+            raise ValueError(f"row {b}: {len(v.vit_features)} ViT feature layers given, the VIP "
+                             f"reads {len(vit_blocks)} ({vit_blocks})")
+    return embeds, [torch.cat([v.vit_features[k] for v in vision], 0).to(like)
+                    for k in range(len(vit_blocks))]
 
 
 def _locate_visual_tokens(layout: PromptLayout, visual_BP: torch.Tensor, grid_thw: torch.Tensor,

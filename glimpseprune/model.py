@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from glimpseprune import decoder
 from glimpseprune.keep import keep_masks_for_batch
-from glimpseprune.layout import PromptLayout, build_layout
+from glimpseprune.layout import PromptLayout, PromptVision, build_layout
 from glimpseprune.modules import GlimpseModules, ModulesSpec
 from glimpseprune.replay import replay_logprobs
 
@@ -131,7 +131,7 @@ class GlimpsePruneModel(nn.Module):
 
     def forward(self, response_ids: list[list[int]] | None = None, keep_masks: list | None = None,
                 with_vip: bool = False, entropies: list | None = None,
-                prompt_rows: list[int] | None = None, **inputs):
+                prompt_rows: list[int] | None = None, vision: list | None = None, **inputs):
         """The training forward a DeepSpeed engine calls (one call per micro-batch).
 
         Without `response_ids` (stage 1): per row, [V_b] VIP logits. With them (stage 2): the
@@ -140,15 +140,18 @@ class GlimpsePruneModel(nn.Module):
         `with_vip` (GRPO's mask log-likelihood term), else None. With `prompt_rows` (per
         response row, its prompt's row in `inputs`) `inputs` holds each distinct prompt once:
         the G samples of a prompt share its vision-tower and glimpse passes, and its VIP
-        logits are one tensor, so the gradients of all its samples add up in one graph.
+        logits are one tensor, so the gradients of all its samples add up in one graph. With
+        `vision` (per row of `inputs`, a `PromptVision` from the rollout pre-pass of this same
+        frozen vision tower) the tower does not run at all.
         """
         if response_ids is None:
             return self.vip_logits(inputs)
         if not with_vip:
+            layout = None if vision is None else build_layout(self.base, inputs, None, vision)
             return replay_logprobs(self.base, inputs, keep_masks, response_ids, entropies,
-                                   prompt_rows), None
+                                   prompt_rows, layout), None
         # One vision-tower pass (with the ViT features the VIP reads) for both halves.
-        layout = build_layout(self.base, inputs, self.glimpse_modules.spec.vit_layers)
+        layout = build_layout(self.base, inputs, self.glimpse_modules.spec.vit_layers, vision)
         logprobs = replay_logprobs(self.base, inputs, keep_masks, response_ids, entropies,
                                    prompt_rows, layout)
         per_prompt = self._glimpse_pass(inputs, layout)[-1]
@@ -207,13 +210,15 @@ class GlimpsePruneModel(nn.Module):
         """Per row, [V_b] VIP logits (differentiable w.r.t. the glimpse modules; stage 1)."""
         return self._glimpse_pass(inputs)[-1]
 
-    def vip_logits_and_image_embeds(self, inputs: dict) -> tuple[list, list]:
-        """Per row, [V_b] VIP logits and [V_b, D] merged image embeddings (what the LLM
-        receives; a vLLM request of kept tokens carries these) from ONE pass: the vision tower
-        runs once, not once for the VIP and again for the embeddings."""
+    def vip_logits_and_vision(self, inputs: dict) -> tuple[list, list[PromptVision]]:
+        """Per row, [V_b] VIP logits and its `PromptVision`: the [V_b, D] merged image
+        embeddings (what the LLM receives; a vLLM request of kept tokens carries these) and the
+        VIP's pooled ViT features, from ONE pass: the vision tower runs once, not once for the
+        VIP and again for the embeddings."""
         layout, *_, vip_logits = self._glimpse_pass(inputs)
-        embeds = [layout.embeds_BPD[b, layout.visual_index[b]] for b in range(len(vip_logits))]
-        return vip_logits, embeds
+        vision = [PromptVision(layout.embeds_BPD[b, layout.visual_index[b]],
+                               list(layout.vit_features[b])) for b in range(len(vip_logits))]
+        return vip_logits, vision
 
     def keep_masks(self, vip_logits: list[torch.Tensor]) -> list[torch.Tensor]:
         """The keep rule with this model's threshold / min_keep / max_keep_ratio."""

@@ -1,8 +1,8 @@
 """The only types that cross actor boundaries: PromptBatch (N prompts) and RolloutBatch (B rows).
 
-Owns their fields and how they split per data-parallel rank. Plain Python containers and PIL
-images (both pickle through Ray's object store); no tensors of a particular device. Must not
-tokenize or run models.
+Owns their fields and how they split per data-parallel rank. Plain Python containers, PIL
+images and CPU tensors (all pickle through Ray's object store); nothing on an accelerator. Must
+not tokenize or run models.
 
 Shape letters: N prompts, B rows (= N * G in GRPO), G group size, V visual tokens, T response
 tokens. A row's `keep_mask_V` covers all visual tokens of its prompt's images, row-major per
@@ -12,7 +12,10 @@ image; None means keep every visual token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only for the annotation: the reward workers need not import transformers
+    from glimpseprune.layout import PromptVision
 
 
 def _chunks(count: int, parts: int) -> list[range]:
@@ -37,6 +40,7 @@ class PromptBatch:
     boxes: list[list[list[float]]] = field(default_factory=list)  # per prompt, xyxy pixels
     question_types: list[str] = field(default_factory=list)
     objects: list[str] = field(default_factory=list)  # synthetic only: JSON of every object
+    vision: list[PromptVision] = field(default_factory=list)  # set by the pruned rollout only
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -56,7 +60,7 @@ class PromptBatch:
         return PromptBatch(ids=pick(self.ids), images=pick(self.images),
                            questions=pick(self.questions), answers=pick(self.answers),
                            boxes=pick(self.boxes), question_types=pick(self.question_types),
-                           objects=pick(self.objects))
+                           objects=pick(self.objects), vision=pick(self.vision))
 
     def split(self, parts: int) -> list[PromptBatch]:
         return [self.take(r) for r in _chunks(len(self), parts)]
@@ -66,9 +70,12 @@ class PromptBatch:
         def join(name: str) -> list:
             return [v for b in batches for v in getattr(b, name)]
 
+        # vision only when every part has it: a partial list would point at the wrong prompts
+        vision = join("vision") if all(b.vision for b in batches) else []
         return cls(ids=join("ids"), images=join("images"), questions=join("questions"),
                    answers=join("answers"), boxes=join("boxes"),
-                   question_types=join("question_types"), objects=join("objects"))
+                   question_types=join("question_types"), objects=join("objects"),
+                   vision=vision)
 
 
 @dataclass

@@ -153,6 +153,9 @@ class RolloutConfig:
     # rollouts, training and evaluation alike)
     mask_mode: str = "sampled"
     mask_temperature: float = 1.0
+    # The pruned rollout hands each prompt's image embeddings and the VIP's ViT features to the
+    # policy and reference, which then skip the vision tower (GRPO needs policy.freeze_vision).
+    reuse_vision: bool = True
     # Benchmarks only (pipeline.bench): every sample generates exactly max_new_tokens.
     ignore_eos: bool = False
     cpus_per_engine: float = 1
@@ -472,6 +475,19 @@ def _validate(cfg: Config) -> None:
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"config key 'data.path' is required when data.source is "
                           f"'{cfg.data.source}'")
+
+
+def check_grpo(cfg: Config) -> None:
+    """What only pipeline.grpo needs of the config.
+
+    Raises:
+        ConfigError: the rollout's vision outputs reused while the policy trains the tower.
+    """
+    if cfg.rollout.reuse_vision and not cfg.policy.freeze_vision and \
+            cfg.rollout.mask_mode != "full":
+        raise ConfigError("config key 'rollout.reuse_vision' hands the rollout's vision-tower "
+                          "outputs to the policy, which is wrong when the tower trains "
+                          "(policy.freeze_vision=false): set rollout.reuse_vision=false")
 
 
 def check_sft(cfg: Config) -> None:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.batch import PromptBatch, RolloutBatch
-from pipeline.config import Config, parse_args
+from pipeline.config import Config, check_grpo, parse_args
 
 
 def starting_point(cfg: Config) -> tuple[Path, Path]:
@@ -147,6 +147,8 @@ class Roles:
         from pipeline.batch import _chunks
 
         chunks = [c for c in _chunks(len(rollout), len(self.rewards)) if len(c)]
+        # The reward service reads no vision-tower outputs: do not ship them to it.
+        rollout = replace(rollout, prompts=replace(rollout.prompts, vision=[]))
         parts = ray.get([w.score.remote(rollout.take(list(c)), texts[c.start:c.stop])
                          for w, c in zip(self.rewards, chunks, strict=False)])
         # per-row lists are joined; counts ("errors", "judge_fallbacks") are summed
@@ -287,6 +289,7 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     from pipeline.data import epoch_order, load_split
     from pipeline.tracking import Tracker
 
+    check_grpo(cfg)
     out = Path(cfg.output_dir)
     base, modules = starting_point(cfg)
     glimpse_cfg = replace(cfg.glimpse, modules_path=str(modules))

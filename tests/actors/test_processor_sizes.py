@@ -38,7 +38,7 @@ def test_rollout_prepass_runs_at_the_config_size(tmp_path):
     prompts = _prompts()
     (done,) = actor._prepass_chunk([prompt_text(actor.processor, QUESTION)], prompts.images)
     assert done.grid_thw == [1, 32, 32]
-    assert done.vip_logits_V.numel() == 256 and done.image_embeds_VD.shape[0] == 256
+    assert done.vip_logits_V.numel() == 256 and done.vision.embeds_VD.shape[0] == 256
 
 
 def test_policy_and_reference_batches_at_the_config_size(tmp_path):

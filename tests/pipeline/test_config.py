@@ -116,3 +116,17 @@ def test_sft_recipe_checks_only_bind_pipeline_sft(tmp_path):
     with pytest.raises(ConfigError, match=r"sft\.train_vision=true"):
         check_sft(load_config("configs/tiny.yaml", ["sft.train_vision=false"]))
     check_sft(load_config("configs/tiny.yaml"))  # the shipped recipe is consistent
+
+
+def test_grpo_refuses_reused_vision_with_a_trained_tower():
+    from pipeline.config import check_grpo
+
+    with pytest.raises(ConfigError, match=r"rollout\.reuse_vision=false"):
+        check_grpo(load_config("configs/tiny.yaml", ["policy.freeze_vision=false"]))
+    # either half alone is fine; plain GRPO (mask_mode=full) has no pre-pass to reuse
+    check_grpo(load_config("configs/tiny.yaml", ["policy.freeze_vision=false",
+                                                 "rollout.reuse_vision=false"]))
+    check_grpo(load_config("configs/tiny.yaml", ["policy.freeze_vision=false",
+                                                 "rollout.mask_mode=full",
+                                                 "algo.train_vip=false"]))
+    check_grpo(load_config("configs/tiny.yaml"))

@@ -75,7 +75,9 @@ def test_pruned_logprobs_match_the_replay_forward(actor, prompts):
     masks = _masks(len(prompts) * n, [0.1, 0.5, 0.9])
     out = actor.generate(prompts, n=n, keep_masks=masks)
     assert out.extras["error"] == [None] * len(out)
-    worst = worst_wrong = 0.0
+    # rollout.reuse_vision: each prompt's vision-tower outputs travel with the batch
+    assert len(out.prompts.vision) == len(prompts)
+    worst = worst_wrong = worst_shipped = 0.0
     for b, response in enumerate(out.response_ids):
         i = out.prompt_index_B[b]
         inputs = _row_inputs(actor, prompts, i)
@@ -88,11 +90,15 @@ def test_pruned_logprobs_match_the_replay_forward(actor, prompts):
         with torch.no_grad():
             replay = actor.model.replay_logprobs(inputs, [mask_V], [response])[0]
             wrong = _contiguous_logprobs(actor.model.base, inputs, mask_V, response)
+            shipped = actor.model(response_ids=[response], keep_masks=[mask_V],
+                                  vision=[out.prompts.vision[i]],
+                                  **{k: v for k, v in inputs.items() if k != "pixel_values"})[0][0]
+        worst_shipped = max(worst_shipped, float((shipped - replay).abs().max()))
         vllm_T = torch.tensor(out.rollout_logprobs[b])
         worst = max(worst, float((vllm_T - replay).abs().max()))
         worst_wrong = max(worst_wrong, float((vllm_T - wrong).abs().max()))
     print(f"vLLM vs replay max |dlogprob| {worst:.2e}; vs contiguous positions {worst_wrong:.2e}")
-    assert worst < 1e-4
+    assert worst < 1e-4 and worst_shipped < 1e-6
     assert worst_wrong > 1e-3  # the positions matter: the check above can fail
 
 
@@ -137,6 +143,7 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving(actor, prompts):
                       questions=[good.questions[0]] * 3 + [long_question, good.questions[0]],
                       answers=[""] * 5)
     out = actor.generate(bad, n=1, greedy=True)
+    assert out.prompts.vision == []  # evaluation does not train: nothing to hand on
     errors = out.extras["error"]
     assert errors[0] is None and errors[4] is None
     assert "no image" in errors[1]

@@ -68,8 +68,8 @@ def _keep_all_requests(actor, prompts):
     assert errors == [None] * len(prompts)
     requests = []
     for item in prepass:
-        mask_V = torch.ones(item.image_embeds_VD.shape[0], dtype=torch.bool)
-        image = pruned_image_item(item.image_embeds_VD, item.grid_thw, mask_V)
+        mask_V = torch.ones(item.vision.embeds_VD.shape[0], dtype=torch.bool)
+        image = pruned_image_item(item.vision.embeds_VD, item.grid_thw, mask_V)
         requests.append({"prompt": item.text, "multi_modal_data": {"image": image}})
     return requests
 
