@@ -1,9 +1,11 @@
 """RolloutActor: the glimpse pre-pass plus a vLLM engine that generates on pruned prompts.
 
-Owns one vLLM engine (the pruned Qwen2.5-VL of glimpseprune.vllm_model) and a copy of the
-GlimpsePruneModel for the pre-pass. Per prompt, once: the transformers model makes the merged
-image embeddings and the VIP logits (vLLM's own vision tower is not used: vLLM 0.32 normalises
-pixels on the device, and feeding it processor pixels would normalise twice). Per sample: a keep
+Owns one vLLM engine (the pruned Qwen2.5-VL of glimpseprune.vllm_model) and the part of the
+GlimpsePruneModel the pre-pass runs (vision tower, decoder layers 0..K, glimpse modules). Per
+prompt, once: the transformers model makes the merged image embeddings, the VIP's ViT features
+and the VIP logits (vLLM's own vision tower is not used: vLLM 0.32 normalises pixels on the
+device, and feeding it processor pixels would normalise twice); the first two travel on with
+the batch for training (rollout.reuse_vision). Per sample: a keep
 mask (rollout.mask_mode), then vLLM generates on text + kept tokens at their original M-RoPE
 positions. With rollout.mask_mode=full (plain GRPO, the unpruned baseline) the actor is stock
 vLLM on pixels instead: no pre-pass copy, one request per prompt whose n samples share its
@@ -48,6 +50,25 @@ def _base_parameter_names(model_path: str, model_cfg: ModelConfig) -> set[str]:
                                         trust_remote_code=model_cfg.trust_remote_code)
     with torch.device("meta"):
         return set(Qwen2_5_VLForConditionalGeneration(config).state_dict())
+
+
+def _parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's distinct parameters and buffers (tied weights counted once)."""
+    tensors = {t.data_ptr(): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _keep_prepass_layers_only(model) -> None:
+    """Drops what the glimpse pre-pass never runs - the decoder layers after the prune layer K,
+    the final norm and the LM head (vLLM has its own full copy) - so the actor holds the vision
+    tower, layers 0..K and the glimpse modules only."""
+    from glimpseprune import decoder
+
+    text = decoder.text_model(model.base)
+    text.layers = text.layers[:model.glimpse_modules.spec.prune_layer + 1]
+    text.norm = torch.nn.Identity()
+    tied = model.base.lm_head.weight is text.embed_tokens.weight
+    model.base.lm_head = torch.nn.Identity() if not tied else model.base.lm_head
 
 
 def _empty_rollout(prompts: PromptBatch) -> tuple[RolloutBatch, dict[str, list]]:
@@ -136,8 +157,12 @@ class RolloutActor:
         # The pre-pass runs on this actor's GPU when Ray gave it one (else CPU).
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.model = GlimpsePruneModel.from_pretrained(
-            model_path, glimpse_cfg, dtype=getattr(torch, model_cfg.dtype), seed=seed
-        ).to(self.device)
+            model_path, glimpse_cfg, dtype=getattr(torch, model_cfg.dtype), seed=seed)
+        self._base_names = set(self.model.base.state_dict())  # what the policy may send
+        self.prepass_bytes = {"full": _parameter_bytes(self.model)}
+        _keep_prepass_layers_only(self.model)
+        self.prepass_bytes["kept"] = _parameter_bytes(self.model)
+        self.model.to(self.device)
         self.processor = load_processor(model_path, model_cfg)
         self.processor.tokenizer.padding_side = "left"
         self.generator = torch.Generator().manual_seed(seed)
@@ -363,15 +388,16 @@ class RolloutActor:
                 raise KeyError(f"weights this model does not have: {unknown[:5]}")
             self._load_engine(base)
             return
-        own_base = self.model.base.state_dict()
+        own_base = self.model.base.state_dict()  # the pre-pass layers only
         own_modules = self.model.glimpse_modules.state_dict()
-        unknown = [n for n in base if n not in own_base] + \
+        unknown = [n for n in base if n not in self._base_names] + \
             [f"glimpse_modules.{n}" for n in modules if n not in own_modules]
         if unknown:
             raise KeyError(f"weights this model does not have: {unknown[:5]}")
         with torch.no_grad():
             for name, tensor in base.items():
-                own_base[name].copy_(tensor)
+                if name in own_base:  # later layers and the LM head live in vLLM only
+                    own_base[name].copy_(tensor)
             for name, tensor in modules.items():
                 own_modules[name].copy_(tensor)
         self._load_engine(base)

@@ -19,6 +19,8 @@ Per cell (image size x keep ratio x G x T x mask mode) and side, the median over
 - kv_tokens: prompt tokens vLLM holds per sample (stock: text + every visual token);
 - peak_mem_mb: peak resident memory of this process and its children, sampled (on CUDA: this
   process's allocator peak, i.e. the pre-pass model; vLLM's engine is a child process);
+- prepass_model_mb (pruned): the weights the pre-pass copy holds (vision tower, layers 0..K,
+  glimpse modules), beside prepass_full_model_mb, a whole model's;
 then the pruned / stock ratios, each beside the analytic cost model's prediction
 (pipeline/bench_cost.py). Stock figures do not depend on keep ratio or mask mode: they are
 measured once per (image size, G, T) and shared by those cells. Writes
@@ -228,9 +230,10 @@ def measure_pruned(model_path: str, cfg: Config, grid: Grid, prompts: PromptBatc
             for keep, group, new_tokens, mode in grid.cells():
                 runs.setdefault((keep, group, new_tokens, mode), []).append(
                     pruned_round(actor, prompts, masks[(keep, group, mode)], group, new_tokens))
+        prepass_mb = {k: v / 2**20 for k, v in actor.prepass_bytes.items()}
     finally:
         actor.shutdown()
-    return {key: median_of(r) for key, r in runs.items()}
+    return {"prepass_model_mb": prepass_mb, **{key: median_of(r) for key, r in runs.items()}}
 
 
 def build_cells(px: int, grid: Grid, pruned: dict, stock: dict, dims, device: str) -> list:
@@ -241,6 +244,9 @@ def build_cells(px: int, grid: Grid, pruned: dict, stock: dict, dims, device: st
         mine = dict(pruned[(keep, group, new_tokens, mode)])
         theirs = dict(stock[(group, new_tokens)])
         mine["prefill_s"] = pruned[("prefill", keep)]["seconds"]
+        # the pre-pass copy's weights: what it holds (layers 0..K) and a whole model's
+        mine["prepass_model_mb"] = pruned["prepass_model_mb"]["kept"]
+        mine["prepass_full_model_mb"] = pruned["prepass_model_mb"]["full"]
         theirs["prefill_s"] = stock["prefill"]["seconds"]
         text, visual = round(mine["text_tokens"]), round(mine["visual_tokens"])
         kept = round(mine["kept_tokens"])

@@ -138,7 +138,8 @@ def _cells(config: dict):
             "prepass_s": 0.1, "generate_s": 0.54}
     pruned = {(0.25, 4, 8, "shared"): side, (0.25, 4, 8, "sampled"): {**side, "seconds": 1.0,
                                                                        "tokens_per_s": 64.0},
-              ("prefill", 0.25): {**side, "seconds": 0.2}}
+              ("prefill", 0.25): {**side, "seconds": 0.2},
+              "prepass_model_mb": {"kept": 3.0, "full": 5.0}}
     stock = {(4, 8): {"tokens_per_s": 80.0, "seconds": 0.8, "kv_tokens": 84.0,
                       "peak_mem_mb": 1000.0},
              "prefill": {"tokens_per_s": 10.0, "seconds": 0.25, "kv_tokens": 84.0,
@@ -169,6 +170,8 @@ def test_cells_hold_both_sides_ratios_and_predictions():
     assert shared["flops"]["stock"] == sampled["flops"]["stock"]
     assert (shared["visual_tokens"], shared["kept_tokens"], shared["device"]) == \
         (64, 16, "test box")
+    assert (shared["pruned"]["prepass_model_mb"], shared["pruned"]["prepass_full_model_mb"]) \
+        == (3.0, 5.0)
 
 
 def test_report_files(tmp_path):

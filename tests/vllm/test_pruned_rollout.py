@@ -36,6 +36,22 @@ def actor(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
+def full(tiny_model_dir):
+    """The whole model (the actor keeps only what its pre-pass runs): the replay reference."""
+    from glimpseprune.model import GlimpsePruneModel
+
+    return GlimpsePruneModel.from_pretrained(str(tiny_model_dir), GlimpseConfig(prune_layer=2))
+
+
+def test_the_prepass_copy_holds_the_prepass_layers_only(actor, full):
+    from glimpseprune.decoder import text_model
+
+    assert len(text_model(actor.model.base).layers) == 3  # layers 0..K, K = 2 of 4
+    assert len(text_model(full.base).layers) == 4
+    assert actor.prepass_bytes["kept"] < actor.prepass_bytes["full"]
+
+
+@pytest.fixture(scope="module")
 def prompts():
     rows = list(generate_split(SyntheticConfig(num_train=3), "train"))
     rows[2] = dict(rows[2], question=rows[2]["question"] + " Answer with one word")
@@ -70,7 +86,7 @@ def _contiguous_logprobs(base, inputs, mask_V, response):
     return torch.log_softmax(logits.float(), -1).gather(-1, target[:, None]).squeeze(-1)
 
 
-def test_pruned_logprobs_match_the_replay_forward(actor, prompts):
+def test_pruned_logprobs_match_the_replay_forward(actor, full, prompts):
     n = 3
     masks = _masks(len(prompts) * n, [0.1, 0.5, 0.9])
     out = actor.generate(prompts, n=n, keep_masks=masks)
@@ -88,9 +104,9 @@ def test_pruned_logprobs_match_the_replay_forward(actor, prompts):
         assert out.extras["prompt_tokens"][b] == text_tokens + int(mask_V.sum())
         assert out.extras["kept_tokens"][b] == int(mask_V.sum())
         with torch.no_grad():
-            replay = actor.model.replay_logprobs(inputs, [mask_V], [response])[0]
-            wrong = _contiguous_logprobs(actor.model.base, inputs, mask_V, response)
-            shipped = actor.model(response_ids=[response], keep_masks=[mask_V],
+            replay = full.replay_logprobs(inputs, [mask_V], [response])[0]
+            wrong = _contiguous_logprobs(full.base, inputs, mask_V, response)
+            shipped = full(response_ids=[response], keep_masks=[mask_V],
                                   vision=[out.prompts.vision[i]],
                                   **{k: v for k, v in inputs.items() if k != "pixel_values"})[0][0]
         worst_shipped = max(worst_shipped, float((shipped - replay).abs().max()))

@@ -91,17 +91,18 @@ def test_keep_all_embeddings_match_stock_vllm_on_pixels(actor, prompts, stock_ou
     assert worst < 1e-5
 
 
-def _changed_checkpoint(actor, tiny_model_dir, folder):
+def _changed_checkpoint(tiny_model_dir, folder):
     """The base weights with every language-model weight scaled by a random 0.9..1.1."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    # every layer, not only the 0..K the actor's pre-pass copy holds: vLLM gets all of them
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
     generator = torch.Generator().manual_seed(3)
     changed = {}
-    for name, tensor in actor.model.base.state_dict().items():
+    for name, tensor in model.state_dict().items():
         if name.startswith("model.language_model.") or name.startswith("lm_head."):
             scale = 0.9 + 0.2 * torch.rand(tensor.shape, generator=generator)
             changed[name] = tensor * scale
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
     model.load_state_dict(changed, strict=False)
     model.save_pretrained(folder, safe_serialization=True)
     AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(folder)
@@ -115,7 +116,7 @@ def test_load_weights_answers_as_a_fresh_engine_on_those_weights(actor, prompts,
     generator = torch.Generator().manual_seed(5)
     masks = [torch.rand(256, generator=generator) < 0.4 for _ in range(len(prompts) * 2)]
     before = actor.generate(prompts, n=2, greedy=True, keep_masks=masks)
-    changed = _changed_checkpoint(actor, tiny_model_dir, tmp_path / "changed")
+    changed = _changed_checkpoint(tiny_model_dir, tmp_path / "changed")
     actor.load_weights(changed)
     after = actor.generate(prompts, n=2, greedy=True, keep_masks=masks)
     fresh = RolloutActor(str(tmp_path / "changed"), ModelConfig(), GlimpseConfig(prune_layer=2),
