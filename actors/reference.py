@@ -13,6 +13,7 @@ import os
 import torch
 
 from actors.batching import equal_micro_batches, prompt_inputs
+from actors.build_locks import stale_lock_watchdog
 from actors.group import DistInfo
 from pipeline.batch import RolloutBatch
 from pipeline.config import GlimpseConfig, ModelConfig, ReferenceConfig
@@ -38,7 +39,8 @@ class ReferenceActor:
 
         dist.export_env()
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        deepspeed.init_distributed(dist_backend=dist.backend)
+        with stale_lock_watchdog():  # its JIT op build must not hang on a dead lock
+            deepspeed.init_distributed(dist_backend=dist.backend)
         self.dist, self.cfg = dist, reference_cfg
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         bf16 = self.device.type == "cuda" and model_cfg.dtype == "bfloat16"
