@@ -7,6 +7,9 @@ on the same prompts (same seed, so the same data order), one after the other in 
   --keep-ratio of the visual tokens (the keep budget's floor and cap);
 - plain: plain GRPO (rollout.mask_mode=full): stock vLLM on pixels with no pre-pass, every
   visual token in rollout, training and reference, no bonus, no VIP training.
+- pruned_pixels (only with --sides): the pruned side with rollout.reuse_vision=false, so the
+  policy and reference run the frozen vision tower on pixels again instead of reusing the
+  pre-pass's outputs (the before / after of that change, measured in the same run).
 Both generate fixed-length responses (rollout.ignore_eos) so they produce the same number of
 tokens. Per side, the median over the measured steps (not the first, which warms caches, and not
 those that ran an evaluation) of every `timing_s/*` part - pre-pass, generate, reward, reference,
@@ -15,7 +18,9 @@ in MLflow (one parent run, the two GRPO runs as children).
 
     python -m pipeline.bench_grpo --config configs/tiny.yaml --init glimpseprune/embedded/tiny \\
         [--image-size 896] [--steps 5] [--prompts 4] [--group 8] [--new-tokens 32] \\
-        [--keep-ratio 0.1] [key=value ...]
+        [--keep-ratio 0.1] [--sides pruned,pruned_pixels,plain] [key=value ...]
+    # a model of real proportions, random weights and freshly initialised glimpse modules:
+    python -m pipeline.bench_grpo --config configs/bench_realistic.yaml --init random ...
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from pathlib import Path
 
 PARTS = ("prepass", "generate", "rollout", "reward", "reference", "train", "weight_sync",
          "step")
-SIDES = {"pruned": [], "plain": ["rollout.mask_mode=full", "algo.train_vip=false",
-                                 "reward.prune_bonus.weight=0"]}
+SIDES = {"pruned": [], "pruned_pixels": ["rollout.reuse_vision=false"],
+         "plain": ["rollout.mask_mode=full", "algo.train_vip=false",
+                   "reward.prune_bonus.weight=0"]}
 SHAPE_KEYS = ("rollout/visual_tokens", "rollout/kept_tokens", "rollout/keep_ratio",
               "rollout/response_length")
 
@@ -48,11 +54,30 @@ def side_overrides(args, side: str, out: Path) -> list[str]:
         f"data.synthetic.num_train={args.prompts * args.steps}",
         "data.synthetic.num_validation=4", "data.synthetic.num_test=4",
         "data.synthetic.questions_per_image=1"]
-    if side == "pruned":  # exactly this share kept: the budget's floor and cap are equal
+    if side != "plain":  # exactly this share kept: the budget's floor and cap are equal
         kept = max(1, round(args.keep_ratio * (px // 28) ** 2))
-        return common + [f"glimpse.max_keep_ratio={args.keep_ratio}",
-                         f"glimpse.min_keep={kept}"]
+        common += [f"glimpse.max_keep_ratio={args.keep_ratio}", f"glimpse.min_keep={kept}"]
     return common + SIDES[side]
+
+
+def random_init(cfg, folder: Path) -> Path:
+    """A stage-1 folder on the config's base with freshly initialised (seeded) glimpse modules:
+    with the keep budget fixed, speed does not depend on trained weights."""
+    import torch
+    from transformers import AutoConfig
+
+    from glimpseprune.io import save_modules
+    from glimpseprune.model import spec_for
+    from glimpseprune.modules import GlimpseModules
+    from glimpseprune.tiny import resolve_base_model
+
+    base = resolve_base_model(cfg.model, cfg.output_dir).resolve()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.trainer.seed)
+        modules = GlimpseModules(spec_for(AutoConfig.from_pretrained(base), cfg.glimpse))
+    save_modules(modules, folder / "glimpse_modules")
+    (folder / "base_model.txt").write_text(f"{base}\n")
+    return folder
 
 
 def measured_steps(records: dict[int, dict[str, float]]) -> list[int]:
@@ -83,21 +108,27 @@ def ratios(pruned: dict, plain: dict) -> dict[str, float]:
 
 
 def table(summary: dict) -> str:
-    pruned, plain, ratio = summary["pruned"], summary["plain"], summary["ratios"]
+    """Seconds per part for every side run, then each pruned side's ratio to plain."""
+    sides = [side for side in SIDES if side in summary]
+    pruned = summary["pruned"]
+    by_side = summary.get("ratios_by_side", {"pruned": summary["ratios"]})
     lines = [f"GRPO step timing at {summary['image_size']} px, {summary['prompts']} prompts x "
              f"G {summary['group']} x {summary['new_tokens']} tokens; medians of steps "
-             f"{pruned['steps']} (seconds)",
-             f"{'part':12s} {'pruned':>9s} {'plain':>9s} {'ratio':>7s}"]
+             f"{pruned['steps']} (seconds; ratio = side / plain)",
+             f"{'part':12s} " + " ".join(f"{side:>13s}" for side in sides) + " "
+             + " ".join(f"{'ratio ' + side:>20s}" for side in by_side)]
+
     def cell(side: dict, key: str) -> str:
-        return f"{side[key]:9.2f}" if key in side else f"{'-':>9s}"
+        return f"{side[key]:13.2f}" if key in side else f"{'-':>13s}"
 
     for part in PARTS:
         key = f"timing_s/{part}"
-        lines.append(f"{part:12s} {cell(pruned, key)} {cell(plain, key)} "
-                     + (f"{ratio[part]:7.3f}" if part in ratio else f"{'-':>7s}"))
+        lines.append(f"{part:12s} " + " ".join(cell(summary[side], key) for side in sides)
+                     + " " + " ".join(f"{r[part]:20.3f}" if part in r else f"{'-':>20s}"
+                                      for r in by_side.values()))
     for key in SHAPE_KEYS:
-        lines.append(f"{key.split('/')[1]:12s} {pruned.get(key, float('nan')):9.3f} "
-                     f"{plain.get(key, float('nan')):9.3f}")
+        lines.append(f"{key.split('/')[1]:12s} " + " ".join(
+            f"{summary[side].get(key, float('nan')):13.3f}" for side in sides))
     share = pruned.get("timing_s/weight_sync", 0) / pruned["timing_s/step"]
     lines.append(f"weight sync share of the pruned step: {share:.3f}")
     return "\n".join(lines)
@@ -111,10 +142,12 @@ def plot(summary: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.4
-    for k, side in enumerate(("pruned", "plain")):
+    sides = [side for side in SIDES if side in summary]
+    width = 0.8 / len(sides)
+    for k, side in enumerate(sides):
         values = [summary[side].get(f"timing_s/{part}", 0.0) for part in PARTS]
-        ax.bar([i + (k - 0.5) * width for i in range(len(PARTS))], values, width, label=side)
+        ax.bar([i + (k - (len(sides) - 1) / 2) * width for i in range(len(PARTS))], values,
+               width, label=side)
     ax.set_xticks(range(len(PARTS)), PARTS)
     ax.set_ylabel("seconds per step (median)")
     ax.set_title(f"GRPO step at {summary['image_size']} px: GlimpsePrune+ vs plain GRPO")
@@ -136,7 +169,10 @@ def _records(client, run_id: str) -> dict[int, dict[str, float]]:
 
 def _options(parser) -> None:
     parser.add_argument("--init", required=True, help="a stage-1 or stage-2 folder (base + "
-                        "glimpse_modules/), e.g. glimpseprune/embedded/tiny")
+                        "glimpse_modules/), e.g. glimpseprune/embedded/tiny, or 'random': the "
+                        "config's base with freshly initialised glimpse modules")
+    parser.add_argument("--sides", default="pruned,plain", help="comma-separated, from "
+                        f"{', '.join(SIDES)} (pruned and plain always run)")
     parser.add_argument("--image-size", type=int, default=896, help="pixels per side "
                         "(896: 1,024 visual tokens)")
     parser.add_argument("--steps", type=int, default=5)
@@ -158,24 +194,34 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 3:
         raise SystemExit("bench_grpo: --steps must be at least 3 (the first warms up, the "
                          "last evaluates)")
+    wanted = {s.strip() for s in args.sides.split(",") if s.strip()} | {"pruned", "plain"}
+    if wanted - set(SIDES):
+        raise SystemExit(f"bench_grpo: unknown side(s) {sorted(wanted - set(SIDES))}; known: "
+                         f"{', '.join(SIDES)}")
     out = Path(cfg.output_dir) / "bench_grpo"
+    if args.init == "random":
+        args.init = str(random_init(cfg, out / "random_init"))
     parent = Tracker(cfg, "bench_grpo")
     summary = {"image_size": args.image_size, "prompts": args.prompts, "group": args.group,
                "new_tokens": args.new_tokens, "keep_ratio": args.keep_ratio,
                "init": str(args.init)}
-    for side in SIDES:
+    for side in [side for side in SIDES if side in wanted]:
         run_cfg = load_config(args.config, [*args.overrides, f"tracking.uri={parent.uri}",
                                             *side_overrides(args, side, out)])
         run = grpo.run(run_cfg, parent.run_id)
         summary[side] = side_figures(_records(parent.client, run["mlflow_run_id"]))
         summary[side]["run_id"] = run["mlflow_run_id"]
-    summary["ratios"] = ratios(summary["pruned"], summary["plain"])
+    summary["ratios_by_side"] = {side: ratios(summary[side], summary["plain"])
+                                 for side in SIDES if side in summary and side != "plain"}
+    summary["ratios"] = summary["ratios_by_side"]["pruned"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, out / "timing.png")
     for name in ("summary.json", "timing.png"):
         parent.client.log_artifact(parent.run_id, str(out / name), "bench_grpo")
-    parent.log({f"ratio/{part}": value for part, value in summary["ratios"].items()}, 0)
+    parent.log({f"ratio/{part}": value for part, value in summary["ratios"].items()}
+               | {f"ratio_{side}/{part}": value for side, r in summary["ratios_by_side"].items()
+                  if side != "pruned" for part, value in r.items()}, 0)
     parent.finish()
     print(table(summary))
     print(f"written: {out / 'summary.json'}, {out / 'timing.png'} (MLflow run {parent.run_id})")

@@ -51,3 +51,34 @@ def test_both_sides_load_and_differ_only_in_pruning(tmp_path):
     assert pruned.glimpse.min_keep == 102  # 10% of 1,024: floor = cap
     assert plain.rollout.mask_mode == "full" and not plain.algo.train_vip
     assert plain.reward.prune_bonus.weight == 0
+
+
+def test_pruned_pixels_side_differs_from_pruned_only_in_reusing_vision(tmp_path):
+    args = argparse.Namespace(image_size=448, steps=3, prompts=2, group=4, new_tokens=8,
+                              keep_ratio=0.1, init="glimpseprune/embedded/tiny")
+    pruned = load_config("configs/tiny.yaml", side_overrides(args, "pruned", tmp_path))
+    pixels = load_config("configs/tiny.yaml", side_overrides(args, "pruned_pixels", tmp_path))
+    assert pruned.rollout.reuse_vision and not pixels.rollout.reuse_vision
+    assert (pixels.glimpse.min_keep, pixels.glimpse.max_keep_ratio) == \
+        (pruned.glimpse.min_keep, pruned.glimpse.max_keep_ratio) == (26, 0.1)
+    sides = {"pruned": {"timing_s/step": 3.0, "steps": [2]},
+             "pruned_pixels": {"timing_s/step": 4.5, "steps": [2]},
+             "plain": {"timing_s/step": 6.0, "steps": [2]}}
+    by_side = {s: ratios(sides[s], sides["plain"]) for s in ("pruned", "pruned_pixels")}
+    text = table({"image_size": 448, "prompts": 2, "group": 4, "new_tokens": 8, **sides,
+                  "ratios": by_side["pruned"], "ratios_by_side": by_side})
+    assert "pruned_pixels" in text and "0.500" in text and "0.750" in text
+
+
+def test_random_init_is_a_stage1_folder_grpo_starts_from(tmp_path):
+    from glimpseprune.io import load_modules
+    from pipeline.bench_grpo import random_init
+    from pipeline.grpo import starting_point
+
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}"])
+    folder = random_init(cfg, tmp_path / "random_init")
+    run_cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}",
+                                                f"trainer.init_from={folder}"])
+    base, modules = starting_point(run_cfg)
+    assert (base / "config.json").is_file() and base == (tmp_path / "tiny_base").resolve()
+    assert load_modules(modules) is not None
