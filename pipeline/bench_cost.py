@@ -11,8 +11,9 @@ what users would pick"):
   decoder layers 0..K over every token (text + all visual + the glimpse token), the VIP over
   the visual tokens (approximate: its linear layers and attention, norms left out);
 - then vLLM over text + KEPT visual tokens only, every layer: one prefill per DISTINCT mask
-  (mask_mode shared: one per prompt, the other G - 1 samples hit the prefix cache and only
-  recompute the last prompt token; sampled: one per sample, nothing shared), then the decode.
+  (mask_mode shared: one per prompt, the other G - 1 samples share its prefill; sampled: one
+  per sample, nothing shared; sampled:M: M per prompt, each shared by G / M samples), then the
+  decode.
 The stock side is stock vLLM on the full image: its own vision tower once per prompt (the
 encoder cache shares it across the group), one prefill of text + all visual tokens per prompt
 (prefix-shared across the group as above), then the decode at the longer context.
@@ -151,6 +152,22 @@ def generation_flops(d: ModelDims, prompt_len: int, rows: int, distinct: int,
     return {"prefill": prefill, "decode": decode + lm_head_flops(d, rows * new_tokens)}
 
 
+def masks_per_prompt(mask_mode: str, group: int) -> int:
+    """Distinct keep masks per prompt of a bench mask mode: "shared" 1, "sampled" G (one per
+    sample), "sampled:M" M (rollout.masks_per_prompt, each shared by G / M samples)."""
+    if mask_mode == "shared":
+        return 1
+    if mask_mode == "sampled":
+        return group
+    name, _, count = mask_mode.partition(":")
+    if name != "sampled" or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"unknown mask_mode {mask_mode!r}; known: shared, sampled, sampled:M")
+    if group % int(count):
+        raise ValueError(f"mask_mode {mask_mode!r}: {count} masks per prompt do not divide "
+                         f"G = {group}")
+    return int(count)
+
+
 def pruned_flops(d: ModelDims, text: int, visual: int, kept: int, prompts: int, group: int,
                  new_tokens: int, mask_mode: str) -> dict[str, int]:
     """FLOPs of the pruned side of one cell: the pre-pass of every prompt (ViT, decoder layers
@@ -161,17 +178,16 @@ def pruned_flops(d: ModelDims, text: int, visual: int, kept: int, prompts: int, 
         text, visual, kept: per prompt, text tokens, visual tokens, kept visual tokens (mean).
         prompts, group: N prompts, G samples each.
         new_tokens: T generated per sample.
-        mask_mode: "shared" (one mask per prompt) or "sampled" (one per sample).
+        mask_mode: "shared" (one mask per prompt), "sampled" (one per sample) or
+            "sampled:M" (M per prompt; see `masks_per_prompt`).
     """
-    if mask_mode not in ("shared", "sampled"):
-        raise ValueError(f"unknown mask_mode {mask_mode!r}; known: shared, sampled")
+    distinct = prompts * masks_per_prompt(mask_mode, group)
     parts = {
         "vit": prompts * vit_flops(d, visual * d.merge * d.merge),
         "prepass_decoder": prompts * decoder_flops(d, text + visual + 1,
                                                    layers=d.prune_layer + 1),
         "vip": prompts * vip_flops(d, visual, text + visual + 1),
-        **generation_flops(d, text + kept, prompts * group,
-                           prompts if mask_mode == "shared" else prompts * group, new_tokens),
+        **generation_flops(d, text + kept, prompts * group, distinct, new_tokens),
     }
     parts["total"] = sum(parts.values())
     return parts

@@ -153,6 +153,9 @@ class RolloutConfig:
     # rollouts, training and evaluation alike)
     mask_mode: str = "sampled"
     mask_temperature: float = 1.0
+    # sampled only: draw this many distinct masks per prompt, each shared by n / masks_per_prompt
+    # samples through one vLLM request (they share its prefill); 0: a mask per sample
+    masks_per_prompt: int = 0
     # The pruned rollout hands each prompt's image embeddings and the VIP's ViT features to the
     # policy and reference, which then skip the vision tower (GRPO needs policy.freeze_vision).
     reuse_vision: bool = True
@@ -417,6 +420,10 @@ def _validate(cfg: Config) -> None:
     if bad_types or not cfg.data.synthetic.question_types:
         raise ConfigError(f"config key 'data.synthetic.question_types' has {sorted(bad_types)}; "
                           f"choose a non-empty subset of {QUESTION_TYPES}")
+    m = cfg.rollout.masks_per_prompt
+    if m < 0 or (m and cfg.rollout.n % m):
+        raise ConfigError(f"config key 'rollout.masks_per_prompt' is {m}: it must be 0 (a mask "
+                          f"per sample) or divide rollout.n={cfg.rollout.n}")
     if cfg.rollout.mask_mode == "full" and cfg.algo.train_vip:
         raise ConfigError("config keys 'rollout.mask_mode=full' and 'algo.train_vip=true' "
                           "conflict: with every token kept there is no mask to learn from")

@@ -57,6 +57,12 @@ def test_random_masks_shared_and_sampled():
     assert not torch.equal(shared[0], shared[4])
     assert len({tuple(m.tolist()) for m in sampled}) == 12  # sampled: one per sample
     assert int(bench.random_masks(1, 1, 64, 0.001, "shared", 0)[0].sum()) == 1  # at least one
+    pairs = bench.random_masks(3, 4, 64, 0.1, "sampled:2", seed=0)  # 2 per prompt, 2 samples each
+    assert [tuple(m.tolist()) for m in pairs[::2]] == [tuple(m.tolist()) for m in pairs[1::2]]
+    assert len({tuple(m.tolist()) for m in pairs}) == 6
+    for bad in ("sampled:3", "sampled:0", "grouped"):  # 3 does not divide G = 4
+        with pytest.raises(ValueError, match="mask"):
+            bench.Grid(group_sizes=(4,), mask_modes=(bad,))
 
 
 class _FakeLLM:

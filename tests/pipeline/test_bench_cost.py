@@ -71,6 +71,10 @@ def test_both_sides_and_the_predicted_ratios():
                                     "kv_tokens": 3 / 4})
     with pytest.raises(ValueError, match="mask_mode"):
         cost.pruned_flops(D, 2, 2, 1, 1, 2, 2, "full")
+    # M masks per prompt: M prefills; M = G is "sampled", M = 1 "shared"
+    assert cost.pruned_flops(D, 2, 2, 1, 1, 2, 2, "sampled:2") == sampled
+    assert cost.pruned_flops(D, 2, 2, 1, 1, 2, 2, "sampled:1") == \
+        cost.pruned_flops(D, 2, 2, 1, 1, 2, 2, "shared")
 
 
 QWEN_7B = {  # the released Qwen2.5-VL-7B-Instruct config.json (text sizes at the top level)

@@ -130,3 +130,22 @@ def test_grpo_refuses_reused_vision_with_a_trained_tower():
                                                  "rollout.mask_mode=full",
                                                  "algo.train_vip=false"]))
     check_grpo(load_config("configs/tiny.yaml"))
+
+
+@pytest.mark.parametrize("m", [-1, 3])
+def test_masks_per_prompt_must_divide_the_group(m):
+    with pytest.raises(ConfigError, match=r"rollout\.masks_per_prompt"):
+        load_config("configs/tiny.yaml", ["rollout.n=4", f"rollout.masks_per_prompt={m}"])
+    assert load_config("configs/tiny.yaml", ["rollout.n=4",
+                                             "rollout.masks_per_prompt=2"]).rollout.n == 4
+
+
+def test_equal_masks_in_a_row_become_one_request():
+    import torch
+
+    from actors.rollout import _runs
+
+    a, b = torch.tensor([True, False]), torch.tensor([False, True])
+    runs = _runs([a, a.clone(), b, a])
+    assert [(m.tolist(), k) for m, k in runs] == [([True, False], 2), ([False, True], 1),
+                                                  ([True, False], 1)]

@@ -133,6 +133,30 @@ def test_sampled_masks_differ_per_sample_within_the_budget(actor, prompts):
                                                    strict=True))
 
 
+def test_a_few_masks_per_prompt_each_shared_by_its_samples(actor, full, prompts):
+    """rollout.masks_per_prompt = 2 of G = 4: two distinct masks per prompt, each one vLLM
+    request of two samples; every row still scores as the replay of its own mask."""
+    old = actor.cfg
+    actor.cfg = replace(old, masks_per_prompt=2)
+    try:
+        out = actor.generate(prompts.take([0, 1]), n=4)
+    finally:
+        actor.cfg = old
+    assert out.extras["error"] == [None] * 8 and out.prompt_index_B == [0] * 4 + [1] * 4
+    masks = [tuple(m) for m in out.keep_mask_BV]
+    for p in (0, 4):  # per prompt: samples 0-1 share a mask, 2-3 another
+        assert masks[p] == masks[p + 1] and masks[p + 2] == masks[p + 3]
+        assert masks[p] != masks[p + 2]
+    worst = 0.0
+    for b, response in enumerate(out.response_ids):
+        inputs = _row_inputs(actor, prompts, out.prompt_index_B[b])
+        with torch.no_grad():
+            replay = full.replay_logprobs(inputs, [torch.tensor(out.keep_mask_BV[b])],
+                                          [response])[0]
+        worst = max(worst, float((torch.tensor(out.rollout_logprobs[b]) - replay).abs().max()))
+    assert worst < 1e-4
+
+
 def test_shared_mask_mode_uses_the_keep_rule_for_every_sample(actor, prompts):
     from glimpseprune.keep import keep_mask_from_logits
 
