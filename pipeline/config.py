@@ -404,7 +404,44 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+# (key, lowest, lowest allowed?, highest, highest allowed?): the numbers a run cannot use
+RANGES = [
+    ("rollout.temperature", 0.0, True, None, False),  # 0: greedy
+    ("rollout.top_p", 0.0, False, 1.0, True),
+    ("rollout.mask_temperature", 0.0, False, None, False),
+    ("rollout.gpu_memory_utilization", 0.0, False, 1.0, True),
+    ("reward.prune_bonus.weight", 0.0, True, None, False),
+    ("reward.format_weight", 0.0, True, None, False),
+    ("reward.judge.timeout_s", 0.0, False, None, False),
+    ("algo.kl_coef", 0.0, True, None, False),
+    ("algo.advantage_eps", 0.0, True, None, False),
+    ("algo.clip_low", 0.0, True, 1.0, False),
+    ("algo.clip_high", 0.0, True, None, False),
+    ("algo.tis_cap", 0.0, True, None, False),
+    ("policy.lr", 0.0, False, None, False),
+    ("policy.weight_decay", 0.0, True, None, False),
+    ("policy.warmup_ratio", 0.0, True, 1.0, True),
+    ("policy.max_grad_norm", 0.0, False, None, False),
+    ("policy.lora.dropout", 0.0, True, 1.0, False),
+    ("sft.lr", 0.0, False, None, False),
+    ("glimpse.train_lr", 0.0, False, None, False),
+    ("glimpse.train_sparsity", 0.0, True, None, False),
+]
+
+
+def _check_range(cfg: Config, dotted: str, low, low_ok: bool, high, high_ok: bool) -> None:
+    value = _get(cfg, dotted)
+    too_low = low is not None and (value < low if low_ok else value <= low)
+    too_high = high is not None and (value > high if high_ok else value >= high)
+    if too_low or too_high:
+        lower = "" if low is None else f"{'[' if low_ok else '('}{low}"
+        upper = "inf)" if high is None else f"{high}{']' if high_ok else ')'}"
+        raise ConfigError(f"config key '{dotted}' is {value!r}; it must lie in {lower}, {upper}")
+
+
 def _validate(cfg: Config) -> None:
+    for entry in RANGES:
+        _check_range(cfg, *entry)
     for dotted, allowed in CHOICES.items():
         value = _get(cfg, dotted)
         if value not in allowed:
@@ -477,8 +514,6 @@ def _validate(cfg: Config) -> None:
                           "is 'judge' (e.g. http://127.0.0.1:8000/v1)")
     if judge.retries < 0:
         raise ConfigError("config key 'reward.judge.retries' must not be negative")
-    if not judge.timeout_s > 0:
-        raise ConfigError("config key 'reward.judge.timeout_s' must be positive")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"config key 'data.path' is required when data.source is "
                           f"'{cfg.data.source}'")

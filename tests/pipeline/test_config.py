@@ -56,6 +56,14 @@ def test_unknown_yaml_key_names_full_path_and_file(tmp_path):
     ("data.source=s3", "data.source"),
     ("glimpse=3", "glimpse"),
     ("trainer.total_steps", "trainer.total_steps"),
+    # numbers no run can use (issue F9: these were accepted without complaint)
+    ("rollout.temperature=-1", "rollout.temperature"),
+    ("rollout.mask_temperature=0", "rollout.mask_temperature"),
+    ("reward.prune_bonus.weight=-1", "reward.prune_bonus.weight"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("policy.lr=0", "policy.lr"),
+    ("algo.clip_low=1", "algo.clip_low"),
+    ("reward.judge.timeout_s=0", "reward.judge.timeout_s"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
