@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="resize images down to at most this many pixels (model.max_pixels; "
                         "default %(default)s)")
     args = parser.parse_args(argv)
+    # the ranges pipeline.config enforces for glimpse.threshold / glimpse.max_keep_ratio
+    if not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold {args.threshold}: must lie strictly between 0 and 1")
+    if args.max_keep_ratio is not None and not 0.0 < args.max_keep_ratio <= 1.0:
+        parser.error(f"--max-keep-ratio {args.max_keep_ratio}: must lie in (0, 1]")
     model_cfg = ModelConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     record = look(args.model, args.image, args.question, args.out, args.modules,
                   args.max_new_tokens, args.threshold, args.max_keep_ratio, model_cfg)
