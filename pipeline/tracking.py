@@ -32,6 +32,34 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
+class TrackingUnreachable(RuntimeError):
+    """tracking.uri names a server nothing answers at."""
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """For an http(s) tracking URI, that something accepts connections at its host and port.
+    MLflow's client would otherwise retry with back-off for minutes and then fail deep in a
+    stack; file and database URIs need no server.
+
+    Raises:
+        TrackingUnreachable: naming the URI, the address and what the connection got.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise TrackingUnreachable(
+            f"tracking.uri {uri}: nothing answers at {parsed.hostname}:{port} ({exc}); start "
+            "the MLflow server (`mlflow server --host 127.0.0.1 --port ...`) or leave "
+            "tracking.uri empty for a SQLite file under output_dir") from None
+
+
 class Tracker:
     """One MLflow run of one stage.
 
@@ -45,6 +73,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(cfg)
+        check_reachable(self.uri)
         self.client = MlflowClient(self.uri)
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None:
