@@ -131,6 +131,7 @@ class DataConfig:
     test_split: str = "test"
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     max_image_pixels: int = 4096 * 4096  # rows with bigger images are skipped and counted
+    max_question_chars: int = 4000  # longer questions are skipped and counted
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -475,7 +476,7 @@ def _validate(cfg: Config) -> None:
                 "trainer.total_steps", "checkpoint.every_steps", "checkpoint.keep_last",
                 "policy.num_ranks", "policy.micro_batch_size", "policy.grad_accum_steps",
                 "sft.total_steps", "sft.eval_every", "sft.prompts_per_step",
-                "sft.turns_per_sample",
+                "sft.turns_per_sample", "data.max_question_chars",
                 "glimpse.train_steps", "glimpse.train_eval_every",
                 "glimpse.train_prompts_per_step",
                 "reference.num_ranks", "reference.micro_batch_size", "reward.num_workers",

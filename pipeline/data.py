@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1  # bump when pipeline/synthetic.py draws differently: invalidates caches
 SKIP_REASONS = ("missing image", "unreadable image", "image over pixel limit", "empty question",
-                "empty answer", "malformed boxes", "box outside image")
+                "question too long", "empty answer", "malformed boxes", "box outside image",
+                "line not UTF-8", "line not a JSON object")
+_SKIP = "__skip_reason__"  # a JSONL line that is no row: its reason, counted like a bad row
 
 
 class DataError(ValueError):
@@ -138,14 +140,20 @@ def _source_dataset(data_cfg: DataConfig, split: str, output_dir: str | Path) ->
     if not file.is_file():
         raise DataError(f"JSONL file '{file}' not found (data.path={path!r}, split {split!r})")
     rows = []
-    with file.open() as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
+    with file.open("rb") as handle:  # bytes: one bad line must not stop the others
+        for line_no, raw in enumerate(handle, 1):
+            if not raw.strip():
                 continue
+            where = {"id": f"{file.name}:{line_no}"}
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{file} line {line_no} is not JSON: {exc}") from exc
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                rows.append({**where, _SKIP: "line not UTF-8"})
+                continue
+            except json.JSONDecodeError:
+                row = None
+            rows.append(row if isinstance(row, dict) else
+                        {**where, _SKIP: "line not a JSON object"})
     return rows, f"jsonl:{file}"
 
 
@@ -189,6 +197,19 @@ def _check_boxes(boxes: Any, width: int, height: int) -> tuple[list | None, str 
     return parsed, None
 
 
+def _jpeg_is_complete(stored: Any) -> bool:
+    """Whether a JPEG file (path) or bytes cell holds its end-of-image marker near its end: a
+    truncated download does not, and decoding it later would fail deep inside a stage."""
+    if isinstance(stored, dict):
+        tail = stored["bytes"][-4096:]
+    else:
+        with open(stored, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 4096))
+            tail = handle.read()
+    return b"\xff\xd9" in tail
+
+
 def check_row(row: dict, data_cfg: DataConfig) -> tuple[dict | None, str | None]:
     """Checks one row already mapped to the common schema.
 
@@ -202,13 +223,17 @@ def check_row(row: dict, data_cfg: DataConfig) -> tuple[dict | None, str | None]
         if width * height > data_cfg.max_image_pixels:
             return None, "image over pixel limit"
         if not isinstance(stored, Image.Image):
-            image.verify()  # catches truncated or corrupt files without a full decode
+            image.verify()  # catches corrupt files (and truncated PNGs) without a full decode
+            if image.format == "JPEG" and not _jpeg_is_complete(stored):
+                return None, "unreadable image"  # verify() does not read a JPEG's end
     except Exception:
         return None, "unreadable image"
     question = str(row.get("question") or "").replace("<image>", "").strip()
     answer = str(row.get("answer") or "").strip()
     if not question:
         return None, "empty question"
+    if len(question) > data_cfg.max_question_chars:
+        return None, "question too long"
     if not answer:
         return None, "empty answer"
     boxes, reason = _check_boxes(row.get("boxes"), width, height)
@@ -259,6 +284,9 @@ def load_split(data_cfg: DataConfig, split: str,
     good: list[dict] = []
     for index, row in enumerate(raw):
         report.total += 1
+        if _SKIP in row:
+            report.add(row[_SKIP], row["id"])
+            continue
         mapped = _map_columns(row, data_cfg, index, split_name)
         checked, reason = check_row(mapped, data_cfg)
         if reason:

@@ -46,6 +46,9 @@ def test_every_bad_row_kind_is_skipped_and_counted(tmp_path, caplog):
     ok = _image(tmp_path / "ok.png")
     big = _image(tmp_path / "big.png", size=(300, 300))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    Image.new("RGB", (64, 48), (9, 9, 9)).save(tmp_path / "whole.jpg", quality=90)
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[:len(whole) * 2 // 3])  # a truncated download
     good = {"question": "What color?", "answer": "red", "image": ok}
     rows = [
         {**good, "id": "good-1", "boxes": [[0, 0, 10, 10]]},
@@ -59,16 +62,25 @@ def test_every_bad_row_kind_is_skipped_and_counted(tmp_path, caplog):
         {**good, "id": "bad-box", "boxes": [[10, 10, 5, 20]]},
         {**good, "id": "short-box", "boxes": [[1, 2, 3]]},
         {**good, "id": "outside", "boxes": [[0, 0, 65, 10]]},  # image is 64 wide
+        {**good, "id": "jpeg", "image": "whole.jpg"},
+        {**good, "id": "cut-jpeg", "image": "cut.jpg"},
+        {**good, "id": "essay", "question": "Why? " * 1000},
     ]
     cfg = _jsonl_cfg(tmp_path, rows, "data.max_image_pixels=10000")
+    with open(cfg.data.path, "ab") as file:  # lines that are no row at all
+        file.write(b'{"question": "caf\xe9?", "answer": "a", "image": "ok.png"}\n')
+        file.write(b"{not json\n")
+        file.write(b"[1, 2, 3]\n")
     with caplog.at_level("WARNING"):
         ds, report = load_split(cfg.data, "train", cfg.output_dir)
-    assert ds["id"] == ["good-1", "good-2"]
+    assert ds["id"] == ["good-1", "good-2", "jpeg"]
     assert ds[0]["boxes"] == [[0.0, 0.0, 10.0, 10.0]] and ds[1]["boxes"] == []
-    assert report.total == 11 and report.skipped == 9
+    assert report.total == 17 and report.skipped == 14
     assert dict(report.counts) == {
-        "missing image": 2, "unreadable image": 1, "image over pixel limit": 1,
-        "empty question": 1, "empty answer": 1, "malformed boxes": 2, "box outside image": 1}
+        "missing image": 2, "unreadable image": 2, "image over pixel limit": 1,
+        "empty question": 1, "question too long": 1, "empty answer": 1, "malformed boxes": 2,
+        "box outside image": 1, "line not UTF-8": 1, "line not a JSON object": 2}
+    assert report.example_ids["line not UTF-8"] == ["rows.jsonl:15"]  # where it is
     assert set(report.counts) == set(SKIP_REASONS)  # every kind exercised
     assert report.example_ids["missing image"] == ["no-image", "null-image"]
     warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
