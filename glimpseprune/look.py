@@ -29,6 +29,8 @@ def highlight(image: Image.Image, keep_mask_V: torch.Tensor,
     """The image with pruned cells dimmed and kept cells outlined (grid over the whole image)."""
     rows, cols = grid_hw
     out = image.convert("RGB")
+    if out.width < 4 * cols or out.height < 4 * rows:  # e.g. a 1 x 1 image: cells under a pixel
+        out = out.resize((28 * cols, 28 * rows), Image.NEAREST)  # the size the model saw
     shade = Image.new("RGB", out.size, (0, 0, 0))
     dim_mask = Image.new("L", out.size, 0)
     draw_dim = ImageDraw.Draw(dim_mask)
@@ -65,6 +67,9 @@ def look(model_dir: str, image_path: str, question: str, out_dir: str,
     glimpse_cfg = GlimpseConfig(threshold=threshold, max_keep_ratio=max_keep_ratio)
     try:
         image = Image.open(image_path).convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise SystemExit(f"look: image {image_path!r} is too large to open safely: {exc}") \
+            from None
     except (OSError, ValueError) as exc:
         raise SystemExit(f"look: cannot read image {image_path!r}: {exc}") from None
     if modules_dir is None and (Path(model_dir) / "glimpse_modules").is_dir():
