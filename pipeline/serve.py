@@ -7,7 +7,13 @@ file's folder), each answer line adds "answer", "kept_tokens", "visual_tokens",
 are still answered). Greedy decoding with the keep rule (actors.rollout.RolloutActor).
 Must not train or score.
 
-    python -m pipeline.serve --config configs/tiny.yaml --requests FILE.jsonl [--out FILE]
+    python -m pipeline.serve --config configs/tiny.yaml model.path=glimpseprune/embedded/tiny \\
+        --requests FILE.jsonl [--out FILE]
+
+The model is `model.path` with the glimpse modules of `glimpse.modules_path` or, when that is
+empty, the ones the folder carries (`<model.path>/glimpse_modules`); without either it refuses
+to serve an untrained pruner. A request line that is not a JSON object, or whose image cannot
+be read (corrupt, truncated, a decompression bomb), is answered with its error.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.batch import PromptBatch
@@ -32,20 +39,29 @@ def read_requests(path: str | Path) -> tuple[PromptBatch, list[str | None]]:
     """The request file as prompts, and per request None or why its image could not be read."""
     path = Path(path)
     ids, images, questions, errors = [], [], [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
-        request = json.loads(line)
+        try:
+            request = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            request = None
+        if not isinstance(request, dict):  # answered with its error, like any failed request
+            ids.append(str(number))
+            questions.append("")
+            images.append(None)
+            errors.append(f"request line {number} is not a UTF-8 JSON object")
+            continue
         ids.append(str(request.get("id", number)))
         questions.append(str(request.get("question", "")))
         image, error = None, None
         if request.get("image"):
-            image_path = Path(request["image"])
+            image_path = Path(str(request["image"]))
             image_path = image_path if image_path.is_absolute() else path.parent / image_path
             try:
                 image = _open_image(image_path)
-            except OSError as exc:
-                error = f"cannot read image {image_path}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - unreadable, truncated, a bomb: this one fails
+                error = f"cannot read image {image_path}: {type(exc).__name__}: {exc}"
         images.append(image)
         errors.append(error)
     prompts = PromptBatch(ids=ids, images=images, questions=questions, answers=[""] * len(ids))
@@ -82,9 +98,17 @@ def main(argv: list[str] | None = None) -> None:
     from actors.rollout import RolloutActor
     from glimpseprune.tiny import resolve_base_model
 
+    base = resolve_base_model(cfg.model, cfg.output_dir)
+    glimpse_cfg = cfg.glimpse
+    if not glimpse_cfg.modules_path:  # a stage-1 / stage-2 export carries its modules
+        if not (base / "glimpse_modules").is_dir():
+            raise SystemExit(f"serve: {base} has no glimpse_modules/ and glimpse.modules_path is "
+                             "empty, so the pruner would be untrained: set model.path to an "
+                             "export (e.g. glimpseprune/embedded/tiny) or glimpse.modules_path")
+        glimpse_cfg = replace(glimpse_cfg, modules_path=str(base / "glimpse_modules"))
+    print(f"serving {base} with glimpse modules {glimpse_cfg.modules_path}", file=sys.stderr)
     prompts, read_errors = read_requests(args.requests)
-    actor = RolloutActor(str(resolve_base_model(cfg.model, cfg.output_dir)), cfg.model,
-                         cfg.glimpse, cfg.rollout, seed=cfg.trainer.seed,
+    actor = RolloutActor(str(base), cfg.model, glimpse_cfg, cfg.rollout, seed=cfg.trainer.seed,
                          max_image_pixels=cfg.data.max_image_pixels)
     try:
         rows = answer(actor, prompts, read_errors)
