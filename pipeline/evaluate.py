@@ -76,7 +76,8 @@ def evaluate_glimpse(model, processor, rows: list[dict], max_new_tokens: int = 8
     return {"eval/accuracy": sum(hits["pruned"]) / len(rows),
             "eval/accuracy_unpruned": sum(hits["full"]) / len(rows),
             "eval/keep_ratio": kept / max(visual, 1),
-            "eval/box_recall": target_kept / max(target, 1)}
+            # not applicable (NaN) when no row has boxes, rather than a recall of 0
+            "eval/box_recall": target_kept / target if target else float("nan")}
 
 
 # Answers each synthetic question type can have: uniform chance is one over their count
@@ -118,31 +119,44 @@ def evaluate_grounding(model, processor, rows: list[dict], max_new_tokens: int =
     """Greedy exact match per question type with every visual token ("full"), only the target
     box's tokens ("box_only"), every token but those ("no_box") and, with `with_pruning`, the
     keep rule of the model's VIP ("pruned", plus its keep ratio and the share of target-box
-    tokens it keeps)."""
+    tokens it keeps). The box checks and the box recall count only rows that have boxes; with
+    none they are left out (not applicable), never scored on empty masks."""
     processor.tokenizer.padding_side = "left"
     hits: dict[str, list[tuple[str, bool]]] = defaultdict(list)
     kept = visual = target = target_kept = 0
+    boxed = [bool(r.get("boxes")) for r in rows]
+
+    def score(mode: str, chunk: list[dict], inputs: dict, masks) -> list:
+        with torch.no_grad():
+            out = model.generate(inputs, max_new_tokens=max_new_tokens, keep_masks=masks)
+        for row, tokens in zip(chunk, out.tokens, strict=True):
+            answer = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+            hits[mode].append((row["question_type"],
+                               normalise_answer(answer) == normalise_answer(row["answer"])))
+        return out.keep_masks
+
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         inputs = _prompt_batch(processor, chunk)
-        box = _box_masks(chunk, inputs["image_grid_thw"])
-        modes = {"full": [None] * len(chunk), "box_only": box, "no_box": [~m for m in box]}
+        score("full", chunk, inputs, [None] * len(chunk))
         if with_pruning:
-            modes["pruned"] = None  # the keep rule decides
-        for mode, masks in modes.items():
-            with torch.no_grad():
-                out = model.generate(inputs, max_new_tokens=max_new_tokens, keep_masks=masks)
-            for row, tokens in zip(chunk, out.tokens, strict=True):
-                answer = processor.tokenizer.decode(tokens, skip_special_tokens=True)
-                hits[mode].append((row["question_type"],
-                                   normalise_answer(answer) == normalise_answer(row["answer"])))
-            if mode == "pruned":
-                kept += sum(int(m.sum()) for m in out.keep_masks)
-                visual += sum(m.numel() for m in out.keep_masks)
-                target += sum(int(b.sum()) for b in box)
-                target_kept += sum(int((b & m.cpu()).sum()) for b, m in zip(box, out.keep_masks,
-                                                                            strict=True))
-    result = {}
+            masks = score("pruned", chunk, inputs, None)  # the keep rule decides
+            kept += sum(int(m.sum()) for m in masks)
+            visual += sum(m.numel() for m in masks)
+        with_boxes = [k for k in range(len(chunk)) if boxed[start + k]]
+        if not with_boxes:
+            continue
+        if len(with_boxes) < len(chunk):
+            chunk = [chunk[k] for k in with_boxes]
+            inputs = _prompt_batch(processor, chunk)
+        box = _box_masks(chunk, inputs["image_grid_thw"])
+        score("box_only", chunk, inputs, box)
+        score("no_box", chunk, inputs, [~m for m in box])
+        if with_pruning:
+            own = [masks[k] for k in with_boxes]
+            target += sum(int(b.sum()) for b in box)
+            target_kept += sum(int((b & m.cpu()).sum()) for b, m in zip(box, own, strict=True))
+    result = {"rows_with_boxes": sum(boxed)}
     for mode, pairs in hits.items():
         result[f"{mode}/accuracy"] = sum(h for _, h in pairs) / len(pairs)
         for qtype in sorted({t for t, _ in pairs}):
@@ -150,7 +164,8 @@ def evaluate_grounding(model, processor, rows: list[dict], max_new_tokens: int =
             result[f"{mode}/accuracy/{qtype}"] = sum(of_type) / len(of_type)
     if with_pruning:
         result["pruned/keep_ratio"] = kept / max(visual, 1)
-        result["pruned/box_recall"] = target_kept / max(target, 1)  # target-box tokens kept
+        if target:  # target-box tokens kept; not applicable without boxes
+            result["pruned/box_recall"] = target_kept / target
     return result
 
 
