@@ -1,13 +1,15 @@
 """Checkpoint folders of a training run: atomic saves, a `latest` pointer, keep-last-k rotation.
 
 Owns the layout <root>/step000010/ (DeepSpeed shards with optimiser, scheduler and the driver's
-client state: step and data position) and <root>/latest, and how `checkpoint.resume` resolves
+client state: step, data position, MLflow run id; the same state as meta.json, readable before
+any actor starts) and <root>/latest, and how `checkpoint.resume` resolves
 (`latest`, a folder, or `mlflow:<run_id>`, which reads the run's `checkpoint_dir` tag).
 Must not know what is inside a shard: the policy actors write and read those.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -32,6 +34,9 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+META_NAME = "meta.json"
+
+
 class Checkpointer:
     """Saves through an ActorGroup whose actors have save_checkpoint / load_checkpoint."""
 
@@ -46,6 +51,9 @@ class Checkpointer:
         tmp = self.root / f".tmp-step{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         group.run("save_checkpoint", str(tmp), {**client_state, "step": step})
+        # What the driver needs before it starts any actor (which MLflow run to continue),
+        # inside the folder so that it is renamed into place with the weights.
+        (tmp / META_NAME).write_text(json.dumps({**client_state, "step": step}) + "\n")
         final = self.root / f"step{step:06d}"
         if final.exists():  # a run resumed from before this step saves it again
             os.rename(final, self.root / f".old-step{step:06d}")
@@ -61,6 +69,12 @@ class Checkpointer:
         for old in others[:max(0, len(others) - (self.keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    @staticmethod
+    def meta(folder: Path | None) -> dict:
+        """The client state a checkpoint folder was saved with ({} for None or an older one)."""
+        path = None if folder is None else folder / META_NAME
+        return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
     def resolve(self, resume: str, tracking_client=None) -> Path | None:
         """The folder `checkpoint.resume` names; None for "" or a `latest` with nothing saved.

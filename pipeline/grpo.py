@@ -172,6 +172,15 @@ class Roles:
         ray.util.remove_placement_group(self.rollout_placement)
 
 
+def _client(cfg: Config):
+    """An MLflow client of the run's store, before the run itself is opened."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri(cfg))
+
+
 def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
@@ -299,17 +308,21 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(base)
     init_ray(cfg.cluster)
     check_resources(cfg)  # before any work: say what the cluster lacks
-    tracker = Tracker(cfg, "grpo", parent_run_id)
+    checkpoints = Checkpointer(out / "checkpoints" / "grpo", cfg.checkpoint.keep_last)
+    resume_from = checkpoints.resolve(cfg.checkpoint.resume, _client(cfg))
+    # a resumed run continues the MLflow run that wrote its checkpoint (not a second one)
+    tracker = Tracker(cfg, "grpo", parent_run_id,
+                      resume_run_id=Checkpointer.meta(resume_from).get("mlflow_run_id"))
     tracker.client.set_tag(tracker.run_id, "init_from", f"{base} + {modules}")
     tracker.log({"data/skipped": report.skipped}, 0)
     total = cfg.trainer.total_steps
     roles = Roles(cfg, base, glimpse_cfg, total)
     placement = roles.placement()  # Ray node id per rank / engine: the record of where work ran
     tracker.client.set_tag(tracker.run_id, "placement", json.dumps(placement))
-    checkpoints = Checkpointer(out / "checkpoints" / "grpo", cfg.checkpoint.keep_last)
+    consumed = out / "grpo" / "consumed.jsonl"  # which rows each step used: resume audits
+    consumed.parent.mkdir(parents=True, exist_ok=True)
     try:
         start, position = 0, 0
-        resume_from = checkpoints.resolve(cfg.checkpoint.resume, tracker.client)
         if resume_from is not None:
             state = roles.policy.run("load_checkpoint", str(resume_from))[0]
             start, position = state["step"], state["data_position"]
@@ -327,6 +340,8 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
                                   cfg.trainer.prompts_per_step)
             position += len(indices)
             prompts = PromptBatch.from_rows([train_set[i] for i in indices])
+            with consumed.open("a") as handle:
+                handle.write(json.dumps({"step": step, "ids": prompts.ids}) + "\n")
             record = grpo_step(cfg, roles, prompts, tokenizer)
             errors = record.pop("errors", [])
             skipped_in_a_row = skipped_in_a_row + 1 if record["policy/skipped_step"] else 0
@@ -339,7 +354,8 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
             record["timing_s/step"] = time.perf_counter() - t_step
             tracker.log(record, step)  # before the checkpoint: a resumed run has no gap
             if step % cfg.checkpoint.every_steps == 0 or step == total:
-                folder = checkpoints.save(roles.policy, step, {"data_position": position})
+                folder = checkpoints.save(roles.policy, step, {"data_position": position,
+                                                               "mlflow_run_id": tracker.run_id})
                 tracker.client.set_tag(tracker.run_id, "checkpoint_dir", str(folder.resolve()))
             bar.write(_summary_line(step, total, record))
         export = out / "grpo" / "final"

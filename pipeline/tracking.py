@@ -2,8 +2,9 @@
 
 Owns the tracking URI rule (`tracking.uri`, else $MLFLOW_TRACKING_URI, else a SQLite file under
 output_dir with artifacts beside it), one run per stage (nested under a pipeline parent run when
-one is given), the resolved config as flattened params, metric-key sanitising, and logging a
-checkpoint folder as an artifact registered as a model version with tags.
+one is given; a run resumed from a checkpoint continues the MLflow run that made it), the
+resolved config as flattened params, metric-key sanitising, and logging a checkpoint folder as
+an artifact registered as a model version with tags.
 Only the driver imports this; actors return numbers and the driver logs them.
 """
 
@@ -69,12 +70,17 @@ class Tracker:
         parent_run_id: nest this run under a pipeline (demo) run.
     """
 
-    def __init__(self, cfg: Config, stage: str, parent_run_id: str | None = None):
+    def __init__(self, cfg: Config, stage: str, parent_run_id: str | None = None,
+                 resume_run_id: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(cfg)
         check_reachable(self.uri)
         self.client = MlflowClient(self.uri)
+        self.register = cfg.tracking.register_models
+        self.stage = stage
+        if resume_run_id and self._reopen(resume_run_id, flatten(cfg)):
+            return
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None:
             # Artifacts next to the database, not in ./mlruns of whatever folder we run from.
@@ -88,9 +94,30 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(experiment_id, run_name=stage, tags=tags)
         self.run_id = run.info.run_id
-        self.register = cfg.tracking.register_models
-        self.stage = stage
         self._log_params(flatten(cfg))
+
+    def _reopen(self, run_id: str, params: dict[str, Any]) -> bool:
+        """Continues the run a resumed checkpoint was made by (False: it is not in this store).
+        Its status goes back to RUNNING; params it lacks are logged, and a changed value (e.g.
+        a larger trainer.total_steps) is recorded as a `resumed_with/<key>` tag, since MLflow
+        never changes a logged param."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        logged = run.data.params
+        new = {k: v for k, v in params.items() if sanitise_key(k) not in logged}
+        self._log_params(new)
+        for key, value in params.items():
+            old = logged.get(sanitise_key(key))
+            if old is not None and old != str(value)[:6000]:
+                self.client.set_tag(run_id, sanitise_key(f"resumed_with/{key}"),
+                                    str(value)[:5000])
+        return True
 
     def _log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

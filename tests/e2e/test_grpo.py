@@ -163,14 +163,24 @@ def test_resume_from_latest_runs_only_the_missing_step(first_run):
     assert "grpo step 3/3" in done.stdout
     assert "grpo step 1/" not in done.stdout and "grpo step 2/" not in done.stdout
     runs = _runs(out)
-    assert len(runs) == 2
-    resumed = runs[1].info.run_id
-    for key in ("policy/loss", "reward/total", "timing_s/step", "eval/accuracy"):
-        assert set(_history(out, resumed, key)) == {3}, key  # no step 0 eval, no steps 1-2
+    assert len(runs) == 1  # the resumed run continues the one that wrote the checkpoint
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_with/trainer.total_steps"] == "3"
+    assert run.data.params["trainer.total_steps"] == "2"  # as first logged
+    for key in ("policy/loss", "reward/total", "timing_s/step"):
+        assert set(_history(out, run.info.run_id, key)) == {1, 2, 3}, key  # each step once
+    assert set(_history(out, run.info.run_id, "eval/accuracy")) == {0, 1, 2, 3}
     versions = _client(out).search_model_versions("name='glimpseprune-plus-grpo'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
-    assert {v.tags["step"] for v in versions if v.run_id == resumed} == {"3"}
+    assert {v.tags["step"] for v in versions} == {"2", "3"}
     assert (out / "checkpoints" / "grpo" / "latest").read_text().strip() == "step000003"
+    # which prompts each step used: steps 1-2, then 3 on the next rows of the same order
+    consumed = (out / "grpo" / "consumed.jsonl").read_text().splitlines()
+    lines = [json.loads(line) for line in consumed]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert all(len(line["ids"]) == 2 for line in lines)
+    assert not set(lines[2]["ids"]) & (set(lines[0]["ids"]) | set(lines[1]["ids"]))
 
 
 def test_no_stage1_model_fails_before_starting_anything(tmp_path):
