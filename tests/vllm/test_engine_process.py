@@ -1,0 +1,56 @@
+"""Where the vLLM engine runs (`rollout.engine_process`): inline engines share vLLM's
+process-wide state, so stopping one must leave the others answering, and a new engine must
+start after all have stopped. CPU, the tiny random model, greedy text-only prompts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+from pipeline.config import ConfigError, ModelConfig, RolloutConfig, load_config
+
+pytestmark = pytest.mark.slow
+ROLLOUT = RolloutConfig(max_model_len=256, engine_process="inline")
+
+
+def _greedy(llm) -> list[int]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    return list(llm.generate([{"prompt_token_ids": list(range(10, 40))}], params,
+                             use_tqdm=False)[0].outputs[0].token_ids)
+
+
+def test_inline_engines_outlive_each_other(tiny_model_dir):
+    from glimpseprune.vllm_engine import start_engine, stop_engine
+
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    first = start_engine(tiny_model_dir, ModelConfig(), ROLLOUT)
+    # inline: no engine-core or worker process was spawned for it
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= children
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0"  # not left set
+    expected = _greedy(first)
+    second = start_engine(tiny_model_dir, ModelConfig(), ROLLOUT)
+    assert _greedy(second) == expected
+    stop_engine(first)
+    assert _greedy(second) == expected  # the shared state was not torn down under it
+    stop_engine(second)
+    third = start_engine(tiny_model_dir, ModelConfig(), ROLLOUT)
+    try:
+        assert _greedy(third) == expected
+    finally:
+        stop_engine(third)
+
+
+def test_engine_process_is_a_closed_choice():
+    from glimpseprune.vllm_engine import _runs_inline
+
+    assert _runs_inline(RolloutConfig(), cuda=False)
+    assert not _runs_inline(RolloutConfig(), cuda=True)
+    assert not _runs_inline(RolloutConfig(tensor_parallel_size=2), cuda=False)
+    assert not _runs_inline(RolloutConfig(engine_process="separate"), cuda=False)
+    with pytest.raises(ConfigError, match="rollout.engine_process"):
+        load_config("configs/tiny.yaml", ["rollout.engine_process=threads"])
