@@ -16,6 +16,11 @@ from pathlib import Path
 
 from pipeline.config import ModelConfig, RolloutConfig
 
+# Inline engines alive in this process. They share vLLM's process-wide distributed state (its
+# world and model-parallel groups): shutting one down tears that state down under the others,
+# so only the last one to stop shuts down; the others are released.
+_INLINE_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
 
 def start_engine(model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: RolloutConfig,
                  seed: int = 0, **overrides):
@@ -65,11 +70,6 @@ def start_engine(model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: Ro
     return llm
 
 
-# Inline engines alive in this process. They share vLLM's process-wide distributed state (its
-# world and model-parallel groups): shutting one down tears that state down under the others,
-# so only the last one to stop shuts down; the others are released.
-_INLINE_ENGINES: weakref.WeakSet = weakref.WeakSet()
-
 
 def _runs_inline(rollout_cfg: RolloutConfig, cuda: bool) -> bool:
     if rollout_cfg.engine_process == "auto":
@@ -78,8 +78,9 @@ def _runs_inline(rollout_cfg: RolloutConfig, cuda: bool) -> bool:
 
 
 def stop_engine(llm) -> None:
-    """Shuts the engine's processes down now, while logging still works (at interpreter exit
-    vLLM's own clean-up logs to closed streams), and frees its memory."""
+    """Shuts the engine down now (its processes, when separate), while logging still works (at
+    interpreter exit vLLM's own clean-up logs to closed streams), and frees its memory; an inline
+    engine with others still alive in this process is only released."""
     engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if engine_core is None:
         return

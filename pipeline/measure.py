@@ -1,9 +1,9 @@
 """Peak memory around a block of work, for the benchmark and the evaluation's columns.
 
 Owns how "peak memory" is measured: CUDA's allocator peak on a GPU; on CPU the largest resident
-set of this process and its children (vLLM's engine runs in this process or, with
-`rollout.engine_process=separate`, in children), sampled
-every 10 ms by a thread. Must not hold any other measurement.
+set of this process and its children (vLLM's engine runs in this process, or in children with
+`rollout.engine_process=separate`), sampled every 10 ms by a thread. Must not hold any other
+measurement.
 """
 
 from __future__ import annotations
