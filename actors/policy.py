@@ -384,17 +384,13 @@ class PolicyActor:
                     state[name] = param.detach().to("cpu", copy=True)
         return state if self.dist.rank == 0 else None
 
-    def trainable_buckets(self, bucket_numel: int) -> list:
+    def _gathered_buckets(self, bucket_numel: int):
         """What weight sync sends: the parameters training changes (frozen ones, e.g. the
         vision tower and, without algo.train_vip, the glimpse modules, never change), gathered
-        in buckets of about `bucket_numel` elements (full sizes: `ds_numel` under ZeRO-3) and
-        put in Ray's object store by rank 0. Collective.
-
-        Returns:
-            on rank 0, one ObjectRef per bucket (a {name: CPU tensor} dict); [] elsewhere.
-        """
+        in buckets of about `bucket_numel` elements (full sizes: `ds_numel` under ZeRO-3).
+        Collective: every rank iterates; rank 0 gets each bucket as a {name: CPU tensor} dict
+        while its parameters are gathered, the others None."""
         import deepspeed
-        import ray
 
         from actors.lora import layer_params, lora_layers, merged_weight
 
@@ -420,13 +416,62 @@ class PolicyActor:
                 buckets.append(current)
                 current, size = [], 0
         buckets += [current] if current else []
-        refs = []
         for bucket in buckets:
             params = [p for _, group, _ in bucket for p in group]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if self.dist.rank == 0:
-                    refs.append(ray.put({name: make() for name, _, make in bucket}))
-        return refs
+                yield {name: make() for name, _, make in bucket} if self.dist.rank == 0 \
+                    else None
+
+    def trainable_buckets(self, bucket_numel: int) -> list:
+        """Weight sync through Ray's object store (rollout.weight_sync=object_store): the
+        buckets of `_gathered_buckets`, each put in the object store by rank 0. Collective.
+
+        Returns:
+            on rank 0, one ObjectRef per bucket (a {name: CPU tensor} dict); [] elsewhere.
+        """
+        import ray
+
+        return [ray.put(bucket) for bucket in self._gathered_buckets(bucket_numel)
+                if bucket is not None]
+
+    def open_weight_channel(self, host: str, world_size: int, timeout_s: float) -> int:
+        """Rank 0: opens the weight-sync group's store on `host`; returns its port."""
+        from actors.weight_channel import open_store
+
+        self._channel_store, port = open_store(host, world_size, timeout_s)
+        self._channel_args = (host, port, world_size, timeout_s)
+        return port
+
+    def join_weight_channel(self, device_host: str) -> None:
+        """Rank 0: joins the group as its sender (blocks until every engine has joined)."""
+        from actors.weight_channel import WeightChannel
+
+        host, port, world_size, timeout_s = self._channel_args
+        self.weight_channel = WeightChannel(host, port, 0, world_size, timeout_s,
+                                            store=self._channel_store, device_host=device_host)
+
+    def send_weight_buckets(self, bucket_numel: int) -> tuple[int, int]:
+        """Weight sync through the collective (rollout.weight_sync=collective): every rank
+        gathers, rank 0 broadcasts each bucket to the engines, then the end of the push.
+        Collective. Returns the bytes and buckets rank 0 sent ((0, 0) elsewhere)."""
+        channel = getattr(self, "weight_channel", None)
+        if self.dist.rank == 0 and channel is None:
+            raise RuntimeError("send_weight_buckets before join_weight_channel")
+        before, buckets = (channel.bytes_sent if channel is not None else 0), 0
+        for bucket in self._gathered_buckets(bucket_numel):
+            if bucket is not None:
+                channel.send_bucket(bucket)
+                buckets += 1
+        if self.dist.rank != 0:
+            return 0, 0
+        channel.end_push()
+        return channel.bytes_sent - before, buckets
+
+    def node_address(self) -> str:
+        """The IP address of the node this rank runs on (for the weight-sync group)."""
+        import ray
+
+        return ray.util.get_node_ip_address()
 
     @staticmethod
     def _save_merged_lora(module, folder: str) -> None:

@@ -444,13 +444,38 @@ class RolloutActor:
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
 
-    def load_weight_buckets(self, *buckets: dict[str, torch.Tensor]) -> int:
+    def load_weight_buckets(self, *buckets: dict[str, torch.Tensor]) -> tuple[int, int]:
         """`load_weights` of the union of weight sync's buckets (Ray resolves each ObjectRef
         argument to its dict); one reload, so no layer ever arrives in part. Returns the number
-        of tensors loaded."""
+        of tensors and of bytes loaded."""
         merged = {name: tensor for bucket in buckets for name, tensor in bucket.items()}
         self.load_weights(merged)
-        return len(merged)
+        return len(merged), sum(t.numel() * t.element_size() for t in merged.values())
+
+    def join_weight_channel(self, host: str, port: int, rank: int, world_size: int,
+                            timeout_s: float, device_host: str) -> None:
+        """Joins the weight-sync group (rollout.weight_sync=collective) as receiver `rank`;
+        blocks until every member has joined."""
+        from actors.weight_channel import WeightChannel
+
+        self.weight_channel = WeightChannel(host, port, rank, world_size, timeout_s,
+                                            device_host=device_host)
+
+    def receive_weights(self) -> int:
+        """Receives one push over the weight-sync group and loads it at once (one reload, so
+        no layer arrives in part). Returns the number of tensors loaded."""
+        channel = getattr(self, "weight_channel", None)
+        if channel is None:
+            raise RuntimeError("receive_weights before join_weight_channel")
+        received = channel.receive_push()
+        self.load_weights(received)
+        return len(received)
+
+    def node_address(self) -> str:
+        """The IP address of the node this actor runs on (for the weight-sync group)."""
+        import ray
+
+        return ray.util.get_node_ip_address()
 
     def shutdown(self) -> None:
         """Stops the engine's processes now (before interpreter exit closes its log streams)."""

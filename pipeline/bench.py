@@ -23,9 +23,10 @@ Per cell (image size x keep ratio x G x T x mask mode) and side, the median over
   process's allocator peak, i.e. the pre-pass model; vLLM's engine is a child process);
 - prepass_model_mb (pruned): the weights the pre-pass copy holds (vision tower, layers 0..K,
   glimpse modules), beside prepass_full_model_mb, a whole model's;
-then the pruned / stock ratios, each beside the analytic cost model's prediction
-(pipeline/bench_cost.py). Stock figures do not depend on keep ratio or mask mode: they are
-measured once per (image size, G, T) and shared by those cells. Writes
+then the pruned / stock ratios, each beside the analytic cost model's predictions: FLOPs alone
+(pipeline/bench_cost.py) and a roofline of FLOPs and bytes read at this machine's measured
+matmul FLOP/s and read bandwidth (pipeline/bench_time.py). Stock figures do not depend on keep
+ratio or mask mode: they are measured once per (image size, G, T) and shared by those cells. Writes
 <output_dir>/bench/{bench.json (the cells), table.txt, ratios.png}. Prints numbers, no pass or
 fail. Must not train, change weights or talk to MLflow.
 
@@ -59,6 +60,7 @@ from pipeline.bench_cost import (
     pruned_flops,
     stock_flops,
 )
+from pipeline.bench_time import Machine, calibrate, predicted_time_ratios
 from pipeline.config import Config, parse_args
 from pipeline.measure import peak_memory
 
@@ -247,9 +249,11 @@ def measure_pruned(model_path: str, cfg: Config, grid: Grid, prompts: PromptBatc
     return {"prepass_model_mb": prepass_mb, **{key: median_of(r) for key, r in runs.items()}}
 
 
-def build_cells(px: int, grid: Grid, pruned: dict, stock: dict, dims, device: str) -> list:
+def build_cells(px: int, grid: Grid, pruned: dict, stock: dict, dims, device: str,
+                machine: Machine, dtype_bytes: int) -> list:
     """The cells of one image size: both sides' medians, pruned / stock ratios, the cost
-    model's predictions for those ratios and its FLOPs per side."""
+    model's predictions for those ratios (FLOPs alone, and the roofline of FLOPs and bytes on
+    `machine`) and its FLOPs per side."""
     cells = []
     for keep, group, new_tokens, mode in grid.cells():
         mine = dict(pruned[(keep, group, new_tokens, mode)])
@@ -271,6 +275,9 @@ def build_cells(px: int, grid: Grid, pruned: dict, stock: dict, dims, device: st
                       for key in ("tokens_per_s", "prefill_s", "kv_tokens", "peak_mem_mb")
                       if key in mine},
             "predicted": predicted_ratios(dims, text, visual, kept, mask_mode=mode, **shape),
+            "roofline": predicted_time_ratios(dims, machine, dtype_bytes, text, visual, kept,
+                                              mask_mode=mode, **shape),
+            "machine": {"flops_per_s": machine.flops_per_s, "bytes_per_s": machine.bytes_per_s},
             "flops": {"pruned": pruned_flops(dims, text, visual, kept, mask_mode=mode, **shape),
                       "stock": stock_flops(dims, text, visual, **shape)}})
     return cells
@@ -322,6 +329,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             else prune_layer, cfg.glimpse.vip_hidden_size,
                             len(cfg.glimpse.vit_layers) or None)
     device, cells = device_label(), []
+    # This machine's matmul FLOP/s and read bandwidth, measured before any engine starts: the
+    # roofline prediction printed beside every ratio.
+    machine = calibrate(dims, cfg.model.dtype)
+    dtype_bytes = getattr(torch, cfg.model.dtype).itemsize
     for px in grid.image_sizes:
         size_cfg = size_config(cfg, px, grid, vision.get("patch_size", 14)
                                * vision.get("spatial_merge_size", 2))
@@ -330,10 +341,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         gc.collect()
         pruned = measure_pruned(model_path, size_cfg, grid, prompts)
         gc.collect()
-        cells += build_cells(px, grid, pruned, stock, dims, device)
+        cells += build_cells(px, grid, pruned, stock, dims, device, machine, dtype_bytes)
     paths = bench_report.write(cells, Path(cfg.output_dir) / "bench")
-    print(f"{grid.prompts} prompts, median of {grid.rounds} rounds, {device}; pruned = glimpse "
-          "pre-pass + vLLM on kept tokens (pre-pass included), stock = vLLM on full pixels")
+    print(f"{grid.prompts} prompts, median of {grid.rounds} rounds, {device} (measured "
+          f"{machine.flops_per_s / 1e9:.1f} GFLOP/s matmul, {machine.bytes_per_s / 1e9:.1f} GB/s "
+          "read); pruned = glimpse pre-pass + vLLM on kept tokens (pre-pass included), "
+          "stock = vLLM on full pixels")
     print(bench_report.table(cells))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return cells

@@ -210,7 +210,8 @@ def predicted_ratios(d: ModelDims, text: int, visual: int, kept: int, prompts: i
     pre-pass included, over stock's ViT + prefill) and kv_tokens (exact: prompt tokens held)."""
     pruned = pruned_flops(d, text, visual, kept, prompts, group, new_tokens, mask_mode)
     stock = stock_flops(d, text, visual, prompts, group, new_tokens)
-    first_pruned = pruned_flops(d, text, visual, kept, prompts, 1, 1, mask_mode)
+    # the prefill row: one sample and one mask per prompt, whatever the cell's mask mode
+    first_pruned = pruned_flops(d, text, visual, kept, prompts, 1, 1, "shared")
     first_stock = stock_flops(d, text, visual, prompts, 1, 1)
     return {"tokens_per_s": stock["total"] / pruned["total"],
             "prefill_s": first_pruned["total"] / first_stock["total"],

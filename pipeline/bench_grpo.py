@@ -7,6 +7,8 @@ on the same prompts (same seed, so the same data order), one after the other in 
   --keep-ratio of the visual tokens (the keep budget's floor and cap);
 - plain: plain GRPO (rollout.mask_mode=full): stock vLLM on pixels with no pre-pass, every
   visual token in rollout, training and reference, no bonus, no VIP training.
+- pruned_collective (only with --sides): the pruned side with rollout.weight_sync=collective
+  (the gloo group instead of Ray's object store), for the two weight-sync routes side by side;
 - pruned_pixels (only with --sides): the pruned side with rollout.reuse_vision=false, so the
   policy and reference run the frozen vision tower on pixels again instead of reusing the
   pre-pass's outputs (the before / after of that change, measured in the same run).
@@ -18,7 +20,7 @@ in MLflow (one parent run, the two GRPO runs as children).
 
     python -m pipeline.bench_grpo --config configs/tiny.yaml --init glimpseprune/embedded/tiny \\
         [--image-size 896] [--steps 5] [--prompts 4] [--group 8] [--new-tokens 32] \\
-        [--keep-ratio 0.1] [--sides pruned,pruned_pixels,plain] [key=value ...]
+        [--keep-ratio 0.1] [--sides pruned,pruned_pixels,pruned_collective,plain] [key=value ...]
     # a model of real proportions, random weights and freshly initialised glimpse modules:
     python -m pipeline.bench_grpo --config configs/bench_realistic.yaml --init random ...
 """
@@ -32,10 +34,12 @@ from pathlib import Path
 PARTS = ("prepass", "generate", "rollout", "reward", "reference", "train", "weight_sync",
          "step")
 SIDES = {"pruned": [], "pruned_pixels": ["rollout.reuse_vision=false"],
+         "pruned_collective": ["rollout.weight_sync=collective"],
          "plain": ["rollout.mask_mode=full", "algo.train_vip=false",
                    "reward.prune_bonus.weight=0"]}
 SHAPE_KEYS = ("rollout/visual_tokens", "rollout/kept_tokens", "rollout/keep_ratio",
               "rollout/response_length")
+SYNC_KEYS = ("weight_sync/mb", "weight_sync/mb_per_s")  # what one push moved, and how fast
 
 
 def side_overrides(args, side: str, out: Path) -> list[str]:
@@ -92,7 +96,7 @@ def side_figures(records: dict[int, dict[str, float]]) -> dict:
         raise ValueError(f"no step to time among {sorted(records)}: run at least 3 steps (the "
                          "first warms up, the last evaluates)")
     figures = {"steps": steps}
-    for key in [f"timing_s/{part}" for part in PARTS] + list(SHAPE_KEYS):
+    for key in [f"timing_s/{part}" for part in PARTS] + list(SHAPE_KEYS) + list(SYNC_KEYS):
         values = [records[s][key] for s in steps if key in records[s]]
         if values:
             figures[key] = statistics.median(values)
@@ -126,7 +130,7 @@ def table(summary: dict) -> str:
         lines.append(f"{part:12s} " + " ".join(cell(summary[side], key) for side in sides)
                      + " " + " ".join(f"{r[part]:20.3f}" if part in r else f"{'-':>20s}"
                                       for r in by_side.values()))
-    for key in SHAPE_KEYS:
+    for key in SHAPE_KEYS + SYNC_KEYS:
         lines.append(f"{key.split('/')[1]:12s} " + " ".join(
             f"{summary[side].get(key, float('nan')):13.3f}" for side in sides))
     share = pruned.get("timing_s/weight_sync", 0) / pruned["timing_s/step"]

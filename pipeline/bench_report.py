@@ -1,9 +1,9 @@
 """The rollout benchmark's report: the cells as JSON, a printed table and a ratio plot.
 
 Owns how pipeline.bench's cells are shown: one table row per cell with, for every measured
-figure, the pruned value, the stock value, their ratio and (where the cost model has one) the
-predicted ratio beside it; a PNG of measured and predicted pruned / stock throughput and
-prefill ratios per cell. Must not measure or compute costs.
+figure, the pruned value, the stock value, their ratio and (where the cost model has them) the
+predicted ratios beside it, FLOPs alone and the roofline; a PNG of measured and predicted
+pruned / stock throughput and prefill ratios per cell. Must not measure or compute costs.
 """
 
 from __future__ import annotations
@@ -26,20 +26,23 @@ def table(cells: list[dict]) -> str:
     """The cells as text: per figure, pruned | stock | ratio | predicted ratio."""
     head = f"{'cell':30}{'V':>6}{'kept':>6}"
     for _, name, _ in FIGURES:
-        head += f" | {name + ' pruned':>16}{'stock':>9}{'ratio':>7}{'pred':>7}"
+        head += f" | {name + ' pruned':>16}{'stock':>9}{'ratio':>7}{'pred':>7}{'roof':>7}"
     lines = [head, "-" * len(head)]
     for cell in cells:
         line = f"{cell_label(cell):30}{cell['visual_tokens']:>6}{cell['kept_tokens']:>6}"
         for key, _, fmt in FIGURES:
             pruned, stock = cell["pruned"].get(key), cell["stock"].get(key)
             ratio, predicted = cell["ratio"].get(key), cell["predicted"].get(key)
+            roofline = cell.get("roofline", {}).get(key)
             line += (" | " + (f"{pruned:>16{fmt}}" if pruned is not None else f"{'-':>16}")
                      + (f"{stock:>9{fmt}}" if stock is not None else f"{'-':>9}")
-                     + (f"{ratio:>7.3f}" if ratio is not None else f"{'-':>7}")
-                     + (f"{predicted:>7.3f}" if predicted is not None else f"{'-':>7}"))
+                     + "".join(f"{v:>7.3f}" if v is not None else f"{'-':>7}"
+                               for v in (ratio, predicted, roofline)))
         lines.append(line)
     lines.append("ratio = pruned / stock (tokens/s > 1: pruned faster; prefill s, KV tokens, "
-                 "peak MB < 1: pruned smaller); pred = the FLOP model of pipeline/bench_cost.py")
+                 "peak MB < 1: pruned smaller); pred = the FLOP model of pipeline/bench_cost.py; "
+                 "roof = the roofline of FLOPs and bytes read at this machine's measured rates "
+                 "(pipeline/bench_time.py)")
     return "\n".join(lines)
 
 
@@ -55,10 +58,13 @@ def plot(cells: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.1 * len(cells) + 2), 7), sharex=True)
     for ax, key, title in ((axes[0], "tokens_per_s", "throughput, pruned / stock (> 1: faster)"),
                            (axes[1], "prefill_s", "prefill time, pruned / stock (< 1: faster)")):
-        ax.bar([p - 0.2 for p in positions], [c["ratio"][key] for c in cells], 0.4,
+        ax.bar([p - 0.27 for p in positions], [c["ratio"][key] for c in cells], 0.27,
                label="measured")
-        ax.bar([p + 0.2 for p in positions], [c["predicted"][key] for c in cells], 0.4,
+        ax.bar(list(positions), [c["predicted"][key] for c in cells], 0.27,
                label="predicted (FLOPs)")
+        ax.bar([p + 0.27 for p in positions],
+               [c.get("roofline", {}).get(key, float("nan")) for c in cells], 0.27,
+               label="predicted (roofline)")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_title(title)
         ax.legend()

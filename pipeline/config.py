@@ -168,6 +168,13 @@ class RolloutConfig:
     reuse_vision: bool = True
     # Benchmarks only (pipeline.bench): every sample generates exactly max_new_tokens.
     ignore_eos: bool = False
+    # How the policy's new weights reach the engines after each step. object_store: rank 0
+    # puts the buckets in Ray's object store, each engine fetches them; collective: a gloo
+    # group of its own between policy rank 0 and the engines, rank 0 broadcasts the buckets
+    # (actors/weight_channel.py; bound to 127.0.0.1 on one node, the nodes' addresses across
+    # nodes). weight_sync_timeout_s bounds a rendezvous or a broadcast waiting for a peer.
+    weight_sync: str = "object_store"
+    weight_sync_timeout_s: float = 600.0
     cpus_per_engine: float = 1
     gpus_per_engine: float = 0  # > 0 on GPU clusters: tensor_parallel_size GPUs per engine
     # Custom Ray resources each engine needs, e.g. {rollout_node: 1} to pin engines to the
@@ -362,6 +369,7 @@ CHOICES = {
     "data.source": ("synthetic", "disk", "hub", "jsonl"),
     "rollout.mask_mode": ("shared", "sampled", "full"),
     "rollout.engine_process": ("auto", "inline", "separate"),
+    "rollout.weight_sync": ("object_store", "collective"),
     "policy.lr_schedule": ("cosine", "constant"),
     "reward.correctness": ("exact", "numeric", "choice", "anls", "judge"),
     "reward.prune_bonus.form": ("linear",),
@@ -487,7 +495,7 @@ def _validate(cfg: Config) -> None:
                 "glimpse.train_steps", "glimpse.train_eval_every",
                 "glimpse.train_prompts_per_step",
                 "reference.num_ranks", "reference.micro_batch_size", "reward.num_workers",
-                "reward.judge.max_workers"]
+                "reward.judge.max_workers", "rollout.weight_sync_timeout_s"]
     for dotted in positive:
         if _get(cfg, dotted) < 1:
             raise ConfigError(f"config key '{dotted}' must be at least 1")

@@ -118,7 +118,8 @@ class Roles:
         self.rewards = [ray.remote(RewardService).options(
             num_cpus=cfg.reward.cpus_per_worker).remote(cfg.reward)
             for _ in range(cfg.reward.num_workers)]
-        self.weight_sync = WeightSync(self.policy, self.rollouts)
+        self.weight_sync = WeightSync(self.policy, self.rollouts, mode=r.weight_sync,
+                                      timeout_s=r.weight_sync_timeout_s)
 
     def placement(self) -> dict[str, list[str]]:
         """The Ray node id of every rank / engine, from Ray's placement group tables."""

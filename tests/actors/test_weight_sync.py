@@ -5,7 +5,9 @@ On local Ray: a 1-rank GRPO PolicyActor group and a Ray-wrapped RolloutActor on 
 base (224-px images: 64 visual tokens), then a second, fresh RolloutActor on the export folder.
 Greedy decoding on fixed keep masks makes the two engines comparable token by token. Runs for
 full fine-tuning and for LoRA (policy.lora.enabled: adapters injected into the base, merged
-W + scale * B @ A sent and exported under the base's own names).
+W + scale * B @ A sent and exported under the base's own names). LoRA syncs through Ray's object
+store, full fine-tuning through the gloo collective (rollout.weight_sync=collective), so the
+same exactness check holds both routes.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ def test_synced_engine_answers_as_a_fresh_engine_on_the_export(base_engine, tiny
         # Same weights on both sides before the update: vLLM's and the replay's log-probs agree.
         assert stats["logprob_abs_diff"] < 1e-4, stats
         # Small buckets, so the sync really sends several and loads their union.
-        sync = WeightSync(policy, [rollout], bucket_numel=300_000).push()
+        sync = WeightSync(policy, [rollout], bucket_numel=300_000,
+                          mode="object_store" if lora else "collective", timeout_s=120).push()
         synced = ray.get(rollout.generate.remote(prompts, 2, True, masks))
         vip_synced = ray.get(rollout.prepass.remote(prompts))[0][0].vip_logits_V
         policy.run("export_hf", str(tmp_path / "export"))
@@ -165,6 +168,7 @@ def test_synced_engine_answers_as_a_fresh_engine_on_the_export(base_engine, tiny
     assert not torch.allclose(vip_synced, shared.vip_before, atol=1e-3)
     assert sync["weight_sync/buckets"] > 1 and sync["weight_sync/version"] == 1
     assert sync["timing_s/weight_sync"] > 0.0
+    assert sync["weight_sync/mb"] > 0.0 and sync["weight_sync/mb_per_s"] > 0.0
 
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
     names = [n for n, _ in base.named_parameters()]

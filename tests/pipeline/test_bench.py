@@ -13,6 +13,7 @@ from PIL import Image
 
 from pipeline import bench, bench_report
 from pipeline.bench_cost import dims_from_config, predicted_ratios
+from pipeline.bench_time import Machine, predicted_time_ratios
 from pipeline.config import RolloutConfig, load_config
 
 
@@ -150,7 +151,10 @@ def _cells(config: dict):
                       "peak_mem_mb": 1000.0},
              "prefill": {"tokens_per_s": 10.0, "seconds": 0.25, "kv_tokens": 84.0,
                          "peak_mem_mb": 1000.0}}
-    return bench.build_cells(224, grid, pruned, stock, dims, "test box"), dims
+    return bench.build_cells(224, grid, pruned, stock, dims, "test box", MACHINE, 4), dims
+
+
+MACHINE = Machine(flops_per_s=1e11, bytes_per_s=1e10)
 
 
 TINY = {"text_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
@@ -172,6 +176,9 @@ def test_cells_hold_both_sides_ratios_and_predictions():
     assert shared["ratio"]["peak_mem_mb"] == pytest.approx(0.9)
     assert shared["predicted"] == predicted_ratios(dims, 20, 64, 16, 2, 4, 8, "shared")
     assert shared["predicted"]["kv_tokens"] == pytest.approx(36 / 84)  # exact: same counts
+    assert shared["roofline"] == predicted_time_ratios(dims, MACHINE, 4, 20, 64, 16, 2, 4, 8,
+                                                       "shared")
+    assert shared["machine"] == {"flops_per_s": 1e11, "bytes_per_s": 1e10}
     assert sampled["flops"]["pruned"]["prefill"] > shared["flops"]["pruned"]["prefill"]
     assert shared["flops"]["stock"] == sampled["flops"]["stock"]
     assert (shared["visual_tokens"], shared["kept_tokens"], shared["device"]) == \
@@ -188,4 +195,5 @@ def test_report_files(tmp_path):
     text = paths["table"].read_text()
     assert "224px k0.25 G4 T8 shared" in text and "  1.250" in text  # measured ratio
     assert f"{cells[0]['predicted']['tokens_per_s']:7.3f}" in text  # predicted beside it
+    assert f"{cells[0]['roofline']['tokens_per_s']:7.3f}" in text  # and the roofline's
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

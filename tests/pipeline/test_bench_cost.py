@@ -75,6 +75,9 @@ def test_both_sides_and_the_predicted_ratios():
     assert cost.pruned_flops(D, 2, 2, 1, 1, 2, 2, "sampled:2") == sampled
     assert cost.pruned_flops(D, 2, 2, 1, 1, 2, 2, "sampled:1") == \
         cost.pruned_flops(D, 2, 2, 1, 1, 2, 2, "shared")
+    # Its prefill row (one sample per prompt) takes one mask per prompt: no G / M to divide.
+    assert cost.predicted_ratios(D, 2, 2, 1, 1, 2, 2, "sampled:2")["prefill_s"] == \
+        ratios["prefill_s"]
 
 
 QWEN_7B = {  # the released Qwen2.5-VL-7B-Instruct config.json (text sizes at the top level)
