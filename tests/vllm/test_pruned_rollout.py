@@ -30,7 +30,7 @@ def actor(tiny_model_dir):
     cfg = RolloutConfig(n=3, max_new_tokens=6, max_model_len=MAX_MODEL_LEN, mask_mode="sampled")
     actor = RolloutActor(str(tiny_model_dir), ModelConfig(), GlimpseConfig(prune_layer=2), cfg,
                          seed=0, enable_chunked_prefill=True, max_num_batched_tokens=96,
-                         enable_prefix_caching=True)
+                         enable_prefix_caching=True, disable_log_stats=False)
     yield actor
     actor.shutdown()
 
@@ -138,10 +138,16 @@ def test_a_few_masks_per_prompt_each_shared_by_its_samples(actor, full, prompts)
     request of two samples; every row still scores as the replay of its own mask."""
     old = actor.cfg
     actor.cfg = replace(old, masks_per_prompt=2)
+    actor.llm.reset_prefix_cache()
+    hits_before = _prefix_cache_hits(actor.llm)
     try:
         out = actor.generate(prompts.take([0, 1]), n=4)
     finally:
         actor.cfg = old
+    # The two samples of a request share its prompt's KV in whole blocks (32 tokens for a
+    # pruned engine on a CPU: at vLLM's 128 these short prompts fill none, nothing is shared).
+    assert actor.llm.llm_engine.vllm_config.cache_config.block_size == 32
+    assert _prefix_cache_hits(actor.llm) - hits_before >= 32
     assert out.extras["error"] == [None] * 8 and out.prompt_index_B == [0] * 4 + [1] * 4
     masks = [tuple(m) for m in out.keep_mask_BV]
     for p in (0, 4):  # per prompt: samples 0-1 share a mask, 2-3 another
@@ -155,6 +161,10 @@ def test_a_few_masks_per_prompt_each_shared_by_its_samples(actor, full, prompts)
                                           [response])[0]
         worst = max(worst, float((torch.tensor(out.rollout_logprobs[b]) - replay).abs().max()))
     assert worst < 1e-4
+
+
+def _prefix_cache_hits(llm) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
 
 
 def test_shared_mask_mode_uses_the_keep_rule_for_every_sample(actor, prompts):
