@@ -1,12 +1,15 @@
 """ActorGroup: N ranks of one Ray actor class in a placement group, wired for torch.distributed.
 
 Owns placement (one bundle per rank; PACK, SPREAD or STRICT_SPREAD), the rendezvous (rank 0's
-node address and a free port, published to every rank as MASTER_ADDR / MASTER_PORT / RANK /
-WORLD_SIZE / LOCAL_RANK), and calling a method on every rank, whole or with a batch split per
-data-parallel rank. Must not know what the actors compute.
+address and a free port, published to every rank as MASTER_ADDR / MASTER_PORT / RANK /
+WORLD_SIZE / LOCAL_RANK; 127.0.0.1 when every rank runs on rank 0's node), torch.distributed's
+store and sockets (bound to that address, never to every interface), and calling a method on
+every rank, whole or with a batch split per data-parallel rank. Must not know what the actors
+compute.
 
 An actor class used here takes `dist: DistInfo` as its first constructor argument and calls
-`dist.init_process_group()` (or its framework's equivalent, after `dist.export_env()`).
+`dist.init_torch_distributed()` before its framework's own initialisation (DeepSpeed's
+`init_distributed` then finds torch.distributed ready and uses it).
 """
 
 from __future__ import annotations
@@ -30,12 +33,57 @@ class DistInfo:
     master_addr: str
     master_port: int
     backend: str  # gloo on CPU, nccl on GPU
+    local: bool = False  # every rank runs on rank 0's node: master_addr is 127.0.0.1
 
     def export_env(self) -> None:
         """Sets the environment variables torch.distributed and DeepSpeed read."""
         os.environ.update(MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
                           LOCAL_RANK="0")  # one device per actor: Ray sets its visible device
+
+    def init_torch_distributed(self, timeout_s: float = 1800.0) -> None:
+        """Exports the environment and joins the group's default process group.
+
+        torch's env:// store listens on every interface and gloo on the host's address; here
+        rank 0's store listens on a socket bound to master_addr only, and on one node gloo's
+        sockets take the loopback interface (GLOO_SOCKET_IFNAME), so a single-node run opens
+        nothing beyond 127.0.0.1. Across nodes they use the nodes' own addresses (NCCL's
+        sockets follow NCCL_SOCKET_IFNAME, see ray_cluster.yaml).
+        """
+        import datetime
+
+        import torch.distributed as torch_dist
+
+        self.export_env()
+        if torch_dist.is_initialized():
+            return
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if self.local and self.backend == "gloo":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
+        if self.rank == 0:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.master_addr, self.master_port))
+            listener.listen()
+            # detach: the store's daemon owns the descriptor from here on
+            store = torch_dist.TCPStore(self.master_addr, self.master_port, self.world_size,
+                                        True, timeout=timeout, wait_for_workers=False,
+                                        master_listen_fd=listener.detach(), use_libuv=False)
+        else:
+            store = torch_dist.TCPStore(self.master_addr, self.master_port, self.world_size,
+                                        False, timeout=timeout)
+        torch_dist.init_process_group(self.backend, store=store, rank=self.rank,
+                                      world_size=self.world_size, timeout=timeout)
+
+
+def loopback_interface() -> str:
+    """The name of the network interface that holds 127.0.0.1 ("lo" on Linux)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addresses):
+            return name
+    raise RuntimeError("no network interface holds 127.0.0.1")
 
 
 @ray.remote(num_cpus=0)
@@ -70,13 +118,15 @@ class ActorGroup:
         ray.get(self.placement.ready(), timeout=ready_timeout_s)
         addr, port = ray.get(_rendezvous_address.options(
             scheduling_strategy=self._in_bundle(0)).remote())
+        local = len(set(self.node_ids_of_bundles(num_ranks))) == 1
+        addr = "127.0.0.1" if local else addr
         backend = "nccl" if gpus_per_rank else "gloo"
         remote_cls = ray.remote(actor_cls)
         self.actors = [
             remote_cls.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
                                resources=resources or None,
                                scheduling_strategy=self._in_bundle(rank)).remote(
-                DistInfo(rank, num_ranks, addr, port, backend), *args, **(kwargs or {}))
+                DistInfo(rank, num_ranks, addr, port, backend, local), *args, **(kwargs or {}))
             for rank in range(num_ranks)]
         self.world_size = num_ranks
 
@@ -100,8 +150,11 @@ class ActorGroup:
 
     def node_ids(self) -> list[str]:
         """The Ray node each rank runs on (from Ray's own placement information)."""
+        return self.node_ids_of_bundles(self.world_size)
+
+    def node_ids_of_bundles(self, count: int) -> list[str]:
         table = ray.util.placement_group_table(self.placement)
-        return [table["bundles_to_node_id"][i] for i in range(self.world_size)]
+        return [table["bundles_to_node_id"][i] for i in range(count)]
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -119,9 +119,9 @@ class PolicyActor:
 
         from glimpseprune.processor import load_processor
 
-        dist.export_env()
         torch.manual_seed(seed)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        dist.init_torch_distributed()  # its store and sockets on 127.0.0.1 on one node
         with stale_lock_watchdog():  # its JIT op build must not hang on a dead lock
             deepspeed.init_distributed(dist_backend=dist.backend)
         if lr is not None:

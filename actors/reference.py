@@ -37,8 +37,8 @@ class ReferenceActor:
         from glimpseprune.model import GlimpsePruneModel
         from glimpseprune.processor import load_processor
 
-        dist.export_env()
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        dist.init_torch_distributed()  # its store and sockets on 127.0.0.1 on one node
         with stale_lock_watchdog():  # its JIT op build must not hang on a dead lock
             deepspeed.init_distributed(dist_backend=dist.backend)
         self.dist, self.cfg = dist, reference_cfg

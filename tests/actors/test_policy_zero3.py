@@ -57,12 +57,18 @@ def test_two_ranks_equal_one_rank(ray_local, tiny_model_dir):
     assert losses_1[-1] < losses_1[0]  # it trains
     assert losses_2 == pytest.approx(losses_1, abs=1e-5)
     assert state_1.keys() == state_2.keys() and len(state_1) > 50
-    diff = max((state_1[k] - state_2[k]).abs().max().item() for k in state_1)
-    assert diff < 1e-5, diff
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     initial = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
                    .named_parameters())
+    diff = max((state_1[k] - state_2[k]).abs().max().item() for k in state_1)
+    moved = max((state_1[k] - initial[k]).abs().max().item() for k in state_1)
+    # Round-off only: Adam divides each gradient by its own running RMS, so a last-bit
+    # difference in a near-zero gradient can move that weight by a good part of lr; 1% of how
+    # far training moved the weights (3 steps at lr 1e-3) bounds it (the difference measured
+    # 1.4e-5 on one CPU, under 1e-5 on another); a wrong split or a missed gradient moves them
+    # by the movement's own size.
+    assert diff < 0.01 * moved, (diff, moved)
     vision = [k for k in state_1 if k.startswith("model.visual.")]
     language = [k for k in state_1 if k.startswith("model.language_model.")]
     assert vision and language and set(state_1) == set(initial)

@@ -70,6 +70,25 @@ def test_pruned_pixels_side_differs_from_pruned_only_in_reusing_vision(tmp_path)
     assert "pruned_pixels" in text and "0.500" in text and "0.750" in text
 
 
+def test_pruned_collective_side_differs_from_pruned_only_in_the_weight_sync_route(tmp_path):
+    args = argparse.Namespace(image_size=448, steps=3, prompts=2, group=4, new_tokens=8,
+                              keep_ratio=0.1, init="glimpseprune/embedded/tiny")
+    pruned = load_config("configs/tiny.yaml", side_overrides(args, "pruned", tmp_path))
+    collective = load_config("configs/tiny.yaml",
+                             side_overrides(args, "pruned_collective", tmp_path))
+    assert pruned.rollout.weight_sync == "object_store"
+    assert collective.rollout.weight_sync == "collective"
+    assert collective.rollout.reuse_vision and collective.glimpse.min_keep == 26
+    # what one push moved and how fast, per side, in the table
+    sides = {side: {"timing_s/step": 3.0, "steps": [2], "weight_sync/mb": 13.7,
+                    "weight_sync/mb_per_s": rate}
+             for side, rate in (("pruned", 124.0), ("pruned_collective", 150.0),
+                                ("plain", 64.0))}
+    text = table({"image_size": 448, "prompts": 2, "group": 4, "new_tokens": 8, **sides,
+                  "ratios": ratios(sides["pruned"], sides["plain"])})
+    assert "mb_per_s" in text and "150.000" in text and "124.000" in text
+
+
 def test_random_init_is_a_stage1_folder_grpo_starts_from(tmp_path):
     from glimpseprune.io import load_modules
     from pipeline.bench_grpo import random_init
