@@ -3,9 +3,10 @@
 Owns the small steps the pruned forward is made of, built on transformers' own classes (decoder
 layers, rotary embedding, mask builder, DynamicCache) without patching them: the mask of a
 left-padded batch, the rotary tables for explicit (t, h, w) ids, a run over a range of layers,
-the glimpse query's raw attention logits, and the gather that compacts a batch (hidden states,
-cache entries, positions) onto the tokens it keeps. Must not decide what to keep, and must not
-keep any state between calls: everything lives in the tensors and the cache passed in.
+one layer's keys alone, the glimpse query's raw attention logits, and the gather that compacts a
+batch (hidden states, cache entries, positions) onto the tokens it keeps. Must not decide what to
+keep, and must not keep any state between calls: everything lives in the tensors and the cache
+passed in.
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def glimpse_attention_logits(layer, glimpse_in_B1D: torch.Tensor, rope_last, key
     query_BH1E, _ = apply_rotary_pos_emb(query_BH1E, query_BH1E, *rope_last)
     keys_BHKE = repeat_kv(keys_BhKE, attn.num_key_value_groups)
     return (query_BH1E @ keys_BHKE.transpose(-1, -2)).squeeze(2) * attn.scaling
+
+
+def layer_keys(layer, hidden_BLD: torch.Tensor, rope) -> torch.Tensor:
+    """The keys one decoder layer makes of `hidden_BLD` (its input norm, k projection, RoPE),
+    [B, kv_heads, L, E]: what its forward would cache, without the rest of the layer."""
+    attn = layer.self_attn
+    keys = attn.k_proj(layer.input_layernorm(hidden_BLD))
+    keys_BhLE = keys.view(*hidden_BLD.shape[:2], -1, attn.head_dim).transpose(1, 2)
+    _, keys_BhLE = apply_rotary_pos_emb(keys_BhLE, keys_BhLE, *rope)
+    return keys_BhLE
 
 
 def compact_index(keep_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -154,7 +154,7 @@ class GlimpsePruneModel(nn.Module):
         layout = build_layout(self.base, inputs, self.glimpse_modules.spec.vit_layers, vision)
         logprobs = replay_logprobs(self.base, inputs, keep_masks, response_ids, entropies,
                                    prompt_rows, layout)
-        per_prompt = self._glimpse_pass(inputs, layout)[-1]
+        per_prompt = self._vip_pass(inputs, layout)[-1]
         rows = range(len(per_prompt)) if prompt_rows is None else prompt_rows
         return logprobs, [per_prompt[j] for j in rows]
 
@@ -164,13 +164,9 @@ class GlimpsePruneModel(nn.Module):
         self.glimpse_modules.requires_grad_(True).train()
         return self
 
-    def _glimpse_pass(self, inputs: dict, layout: PromptLayout | None = None):
-        """Layers 0..K over every token + the glimpse token, then the VIP (on `layout` when
-        given: it must carry the VIP's ViT features).
-
-        Returns (layout, cache, hidden after layer K [B, P+1, D], positions [3, B, P+1],
-        attention mask [B, P+1], vip_logits per row).
-        """
+    def _glimpse_inputs(self, inputs: dict, layout: PromptLayout | None):
+        """The layout, glimpse vectors, the prompt + glimpse token's embeddings, positions,
+        attention mask, rotary tables and causal mask that the glimpse pass runs on."""
         spec, text = self.glimpse_modules.spec, decoder.text_model(self.base)
         if layout is None:
             layout = build_layout(self.base, inputs, spec.vit_layers)
@@ -186,17 +182,50 @@ class GlimpsePruneModel(nn.Module):
                                   layout.attention_mask_BP.new_ones(batch, 1)], 1)
         rope = decoder.rotary(text, hidden_BLD, positions_3BL)
         mask = decoder.causal_mask(text, hidden_BLD, attention_BL)
+        return layout, glimpse_LD, hidden_BLD, positions_3BL, attention_BL, rope, mask
+
+    def _glimpse_pass(self, inputs: dict, layout: PromptLayout | None = None):
+        """Layers 0..K over every token + the glimpse token, then the VIP (on `layout` when
+        given: it must carry the VIP's ViT features).
+
+        Returns (layout, cache, hidden after layer K [B, P+1, D], positions [3, B, P+1],
+        attention mask [B, P+1], vip_logits per row).
+        """
+        spec, text = self.glimpse_modules.spec, decoder.text_model(self.base)
+        layout, glimpse_LD, hidden_BLD, positions_3BL, attention_BL, rope, mask = \
+            self._glimpse_inputs(inputs, layout)
         cache = DynamicCache(config=text.config)
         for i in range(spec.prune_layer + 1):
             if i > 0:  # this layer's glimpse vector joins the residual stream at its position
                 hidden_BLD = torch.cat([hidden_BLD[:, :-1], hidden_BLD[:, -1:] + glimpse_LD[i]], 1)
             glimpse_in_B1D = hidden_BLD[:, -1:]
             hidden_BLD = decoder.run_layers(text, hidden_BLD, range(i, i + 1), mask, rope, cache)
-        logits_BHL = decoder.glimpse_attention_logits(
-            text.layers[spec.prune_layer], glimpse_in_B1D,
-            (rope[0][:, -1:], rope[1][:, -1:]), cache.layers[spec.prune_layer].keys)
-        vip_logits = [self._vip_row(layout, b, logits_BHL[b]) for b in range(batch)]
+        vip_logits = self._vip_logits(layout, text.layers[spec.prune_layer], glimpse_in_B1D, rope,
+                                      cache.layers[spec.prune_layer].keys)
         return layout, cache, hidden_BLD, positions_3BL, attention_BL, vip_logits
+
+    def _vip_pass(self, inputs: dict, layout: PromptLayout | None = None):
+        """`_glimpse_pass` for callers that need the VIP logits only: layers 0..K-1 run whole
+        and without a cache, and of layer K only its keys (the glimpse query's logits read
+        nothing else of it), so its attention and MLP over every token are skipped. The same
+        logits as `_glimpse_pass`, op for op. Returns (layout, vip_logits per row)."""
+        spec, text = self.glimpse_modules.spec, decoder.text_model(self.base)
+        layout, glimpse_LD, hidden_BLD, _, _, rope, mask = self._glimpse_inputs(inputs, layout)
+        for i in range(spec.prune_layer + 1):
+            if i > 0:
+                hidden_BLD = torch.cat([hidden_BLD[:, :-1], hidden_BLD[:, -1:] + glimpse_LD[i]], 1)
+            if i < spec.prune_layer:
+                hidden_BLD = decoder.run_layers(text, hidden_BLD, range(i, i + 1), mask, rope,
+                                                None)
+        layer = text.layers[spec.prune_layer]
+        keys_BhLE = decoder.layer_keys(layer, hidden_BLD, rope)
+        return layout, self._vip_logits(layout, layer, hidden_BLD[:, -1:], rope, keys_BhLE)
+
+    def _vip_logits(self, layout: PromptLayout, layer, glimpse_in_B1D, rope, keys_BhLE) -> list:
+        """Per row, the VIP over the glimpse query's attention logits at layer K."""
+        logits_BHL = decoder.glimpse_attention_logits(
+            layer, glimpse_in_B1D, (rope[0][:, -1:], rope[1][:, -1:]), keys_BhLE)
+        return [self._vip_row(layout, b, logits_BHL[b]) for b in range(len(logits_BHL))]
 
     def _vip_row(self, layout: PromptLayout, row: int, logits_HL: torch.Tensor) -> torch.Tensor:
         index_V = layout.visual_index[row]
@@ -208,14 +237,14 @@ class GlimpsePruneModel(nn.Module):
 
     def vip_logits(self, inputs: dict) -> list[torch.Tensor]:
         """Per row, [V_b] VIP logits (differentiable w.r.t. the glimpse modules; stage 1)."""
-        return self._glimpse_pass(inputs)[-1]
+        return self._vip_pass(inputs)[-1]
 
     def vip_logits_and_vision(self, inputs: dict) -> tuple[list, list[PromptVision]]:
         """Per row, [V_b] VIP logits and its `PromptVision`: the [V_b, D] merged image
         embeddings (what the LLM receives; a vLLM request of kept tokens carries these) and the
         VIP's pooled ViT features, from ONE pass: the vision tower runs once, not once for the
         VIP and again for the embeddings."""
-        layout, *_, vip_logits = self._glimpse_pass(inputs)
+        layout, vip_logits = self._vip_pass(inputs)
         vision = [PromptVision(layout.embeds_BPD[b, layout.visual_index[b]],
                                list(layout.vit_features[b])) for b in range(len(vip_logits))]
         return vip_logits, vision

@@ -8,7 +8,9 @@ and the pruned / stock ratios they predict. Must not time, load weights or impor
 The pruned formula is for OUR vLLM form (shared docs method.md, design.md "Measuring against
 what users would pick"):
 - the glimpse pre-pass, once per prompt, in transformers: the vision tower over every patch,
-  decoder layers 0..K over every token (text + all visual + the glimpse token), the VIP over
+  decoder layers 0..K-1 over every token (text + all visual + the glimpse token) and of layer
+  K only the keys (all the glimpse query's logits read: `GlimpsePruneModel._vip_pass`), the VIP
+  over
   the visual tokens (approximate: its linear layers and attention, norms left out);
 - then vLLM over text + KEPT visual tokens only, every layer: one prefill per DISTINCT mask
   (mask_mode shared: one per prompt, the other G - 1 samples share its prefill; sampled: one
@@ -50,7 +52,7 @@ class ModelDims:
     window_patches: int  # patches in one windowed-attention window, (window_size / patch)^2
     patch_values: int  # pixels x channels x frames that one patch embeds
     merge: int  # spatial_merge_size: patches per visual token = merge^2
-    prune_layer: int  # K: the pre-pass runs decoder layers 0..K
+    prune_layer: int  # K: the pre-pass runs decoder layers 0..K-1 and layer K's keys
     vip_hidden: int
     vip_layers: int
 
@@ -103,6 +105,14 @@ def decoder_flops(d: ModelDims, new: int, past: int = 0, layers: int | None = No
     """`layers` decoder layers (default all) over `new` tokens after `past` cached ones."""
     layers = d.layers if layers is None else layers
     return layers * (new * linear_flops_per_token(d) + attention_flops(d, new, past))
+
+
+def prepass_decoder_flops(d: ModelDims, tokens: int) -> int:
+    """The pre-pass's decoder share over `tokens` (prompt + glimpse token): layers 0..K-1
+    whole, and layer K's key projection (the glimpse query's own q and logits are in
+    `vip_flops`)."""
+    return decoder_flops(d, tokens, layers=d.prune_layer) \
+        + 2 * tokens * d.hidden * d.kv_heads * d.head_dim
 
 
 def lm_head_flops(d: ModelDims, tokens: int) -> int:
@@ -171,7 +181,8 @@ def masks_per_prompt(mask_mode: str, group: int) -> int:
 def pruned_flops(d: ModelDims, text: int, visual: int, kept: int, prompts: int, group: int,
                  new_tokens: int, mask_mode: str) -> dict[str, int]:
     """FLOPs of the pruned side of one cell: the pre-pass of every prompt (ViT, decoder layers
-    0..K over text + visual + the glimpse token, VIP), then vLLM on text + kept tokens.
+    0..K-1 and layer K's keys over text + visual + the glimpse token, VIP), then vLLM on
+    text + kept tokens.
 
     Args:
         d: the model's sizes.
@@ -184,8 +195,7 @@ def pruned_flops(d: ModelDims, text: int, visual: int, kept: int, prompts: int, 
     distinct = prompts * masks_per_prompt(mask_mode, group)
     parts = {
         "vit": prompts * vit_flops(d, visual * d.merge * d.merge),
-        "prepass_decoder": prompts * decoder_flops(d, text + visual + 1,
-                                                   layers=d.prune_layer + 1),
+        "prepass_decoder": prompts * prepass_decoder_flops(d, text + visual + 1),
         "vip": prompts * vip_flops(d, visual, text + visual + 1),
         **generation_flops(d, text + kept, prompts * group, distinct, new_tokens),
     }

@@ -14,9 +14,10 @@ Bytes counted (dtype_bytes per value): the decode reads, per step, the decoder's
 head's weights once (every running sample is in one batch) and each sample's KV cache at its
 current context (vLLM's paged attention reads a shared prefix once per sample, not once per
 group); a prefill reads the decoder's weights once per distinct prompt (an upper bound: vLLM
-may batch several prefills into one step); the pre-pass reads the vision tower's and layers
-0..K's weights once per prompt; the VIP's weights are left out (small). Activations are left
-out: they stay in cache at these sizes or are dominated by the FLOPs.
+may batch several prefills into one step); the pre-pass reads the vision tower's, layers
+0..K-1's and layer K's key projection's weights once per prompt; the VIP's weights are left
+out (small). Activations are left out: they stay in cache at these sizes or are dominated by
+the FLOPs.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def pruned_bytes(d: ModelDims, text: int, visual: int, kept: int, prompts: int, 
     """Bytes of the pruned side of one cell (the parts of `bench_cost.pruned_flops`)."""
     distinct = prompts * masks_per_prompt(mask_mode, group)
     return {"vit": prompts * vision_weight_bytes(d, dtype_bytes),
-            "prepass_decoder": prompts * decoder_weight_bytes(d, dtype_bytes, d.prune_layer + 1),
+            "prepass_decoder": prompts * (decoder_weight_bytes(d, dtype_bytes, d.prune_layer)
+                                          + d.hidden * d.kv_heads * d.head_dim * dtype_bytes),
             "vip": 0,
             **generation_bytes(d, text + kept, prompts * group, distinct, new_tokens,
                                dtype_bytes)}

@@ -38,3 +38,40 @@ def test_vip_logits_and_vision_from_one_vision_pass():
         assert len(vision[b].vit_features) == len(expected_vit[b]) > 0
         for got, want in zip(vision[b].vit_features, expected_vit[b], strict=True):
             assert torch.equal(got, want)
+
+
+def test_vip_logits_skip_layer_k_but_equal_the_full_glimpse_pass():
+    """vip_logits runs of layer K only its keys (what the glimpse query reads); the logits are
+    the full glimpse pass's (the exact prefill's) bit for bit, on a padded batch of two image
+    sizes, and layer K's attention and MLP really are skipped."""
+    from PIL import Image
+
+    from glimpseprune.decoder import text_model
+    from glimpseprune.model import GlimpsePruneModel
+    from glimpseprune.processor import load_processor
+    from pipeline.config import load_config
+    from pipeline.prompts import prompt_text
+
+    cfg = load_config("configs/tiny.yaml", ["model.max_pixels=200704"])
+    model = GlimpsePruneModel.from_pretrained(EMBEDDED_DIR, cfg.glimpse,
+                                              modules_path=str(MODULES_DIR))
+    processor = load_processor(EMBEDDED_DIR, cfg.model)
+    processor.tokenizer.padding_side = "left"
+    generator = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 255, (px, px, 3), generator=generator,
+                                            dtype=torch.uint8).numpy()) for px in (448, 336)]
+    texts = [prompt_text(processor, q) for q in ("What number is in the red box?",
+                                                 "Which shape is left of the blue star?")]
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    layer_k = text_model(model.base).layers[model.glimpse_modules.spec.prune_layer]
+    calls = []
+    hook = layer_k.mlp.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        fast = model.vip_logits(inputs)
+        assert not calls  # layer K's MLP never ran
+        full = model._glimpse_pass(inputs)[-1]
+        assert calls  # ... where the exact prefill's pass runs it
+    hook.remove()
+    assert [len(v) for v in fast] == [256, 144]
+    for got, want in zip(fast, full, strict=True):
+        assert torch.equal(got, want)

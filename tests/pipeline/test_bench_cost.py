@@ -3,6 +3,8 @@ real (tiny, random) Qwen2.5-VL's weight shapes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pipeline import bench_cost as cost
@@ -54,20 +56,22 @@ def test_generation_shared_and_distinct_prefixes():
 def test_both_sides_and_the_predicted_ratios():
     # 2 text + 2 visual tokens (8 patches), 1 kept, 1 prompt x 2 samples x 2 tokens.
     pruned = cost.pruned_flops(D, 2, 2, 1, 1, 2, 2, "shared")
-    # ViT 3200; layers 0..0 over 2 + 2 + 1 (glimpse) tokens: 5 x 288 + 15 x 16 = 1680;
-    # VIP 400; vLLM on 2 + 1 tokens: 2592 + 1728 (above).
-    assert pruned == {"vit": 3200, "prepass_decoder": 1680, "vip": 400, "prefill": 2592,
-                      "decode": 1728, "total": 9600}
+    # ViT 3200; K = 0: no whole layer, layer 0's keys over 2 + 2 + 1 (glimpse) tokens:
+    # 2 x 5 x 4 x (1 x 2) = 80; VIP 400; vLLM on 2 + 1 tokens: 2592 + 1728 (above).
+    assert pruned == {"vit": 3200, "prepass_decoder": 80, "vip": 400, "prefill": 2592,
+                      "decode": 1728, "total": 8000}
+    # K = 1: layer 0 whole (5 x 288 + 15 x 16 = 1680) + layer 1's keys (80).
+    assert cost.prepass_decoder_flops(replace(D, prune_layer=1), 5) == 1760
     sampled = cost.pruned_flops(D, 2, 2, 1, 1, 2, 2, "sampled")
-    assert sampled["prefill"] == 3840 and sampled["total"] == 9600 - 2592 + 3840
+    assert sampled["prefill"] == 3840 and sampled["total"] == 8000 - 2592 + 3840
     stock = cost.stock_flops(D, 2, 2, 1, 2, 2)
     # ViT 3200; prefill of 4: 2 x (4 x 288 + 10 x 16) = 2624, + recompute 2 x (288 + 4 x 16)
     # = 704; decode at 4 cached: 2 rows x 2 x (288 + 5 x 16) = 1472, + LM head 320.
     assert stock == {"vit": 3200, "prefill": 3328, "decode": 1792, "total": 8320}
     ratios = cost.predicted_ratios(D, 2, 2, 1, 1, 2, 2, "shared")
-    # Prefill (1 sample, 1 token): pruned 3200 + 1680 + 400 + 1920 + 80 = 7280; stock
+    # Prefill (1 sample, 1 token): pruned 3200 + 80 + 400 + 1920 + 80 = 5680; stock
     # 3200 + 2624 + 80 = 5904.
-    assert ratios == pytest.approx({"tokens_per_s": 8320 / 9600, "prefill_s": 7280 / 5904,
+    assert ratios == pytest.approx({"tokens_per_s": 8320 / 8000, "prefill_s": 5680 / 5904,
                                     "kv_tokens": 3 / 4})
     with pytest.raises(ValueError, match="mask_mode"):
         cost.pruned_flops(D, 2, 2, 1, 1, 2, 2, "full")
