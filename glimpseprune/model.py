@@ -5,7 +5,9 @@ Owns the two-phase forward of method.md ("Prefill with pruning (exact form)"): d
 0..K over every token plus the glimpse token, VIP logits from the glimpse query's attention at
 layer K and the ViT features, the keep mask, a gather of layers 0..K's cache onto the kept tokens
 (nothing recomputed), layers K+1.. and the whole decode on the kept tokens only. Kept tokens keep
-their ORIGINAL M-RoPE ids; decoding continues at the original last position + 1.
+their ORIGINAL M-RoPE ids; decoding continues at the original last position + 1. Callers that
+need the VIP logits only (stage 1, the rollout's pre-pass, GRPO's VIP term) take a shorter pass:
+layers 0..K-1 whole and of layer K only its keys, which is all the glimpse query reads.
 Must not hold state between calls (no rope_deltas on the model: positions are passed in), must
 not patch transformers, and must not train: stage drivers own optimisers and losses.
 """

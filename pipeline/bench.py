@@ -4,10 +4,11 @@ Owns the benchmark grid, its measurements and the cells they make. Two sides on 
 synthetic prompts, in one run, one engine at a time (stock first, then pruned, per image size):
 - stock: stock vLLM Qwen2.5-VL (`start_engine` without the plugin's overrides) on the full
   image pixels: its own vision tower, every visual token, no pre-pass; n = G per request.
-- pruned: the RolloutActor (glimpse pre-pass in transformers: ViT + decoder layers 0..K + VIP;
-  then vLLM on text + kept tokens at their original M-RoPE positions) on random keep masks at
-  each keep ratio (mask mode shared: one per prompt, repeated G times; sampled: a different
-  one per sample; sampled:M: M per prompt, each repeated G / M times - rollout.masks_per_prompt).
+- pruned: the RolloutActor (glimpse pre-pass in transformers: ViT + decoder layers 0..K-1 and
+  layer K's keys + VIP; then vLLM on text + kept tokens at their original M-RoPE positions) on
+  random keep masks at each keep ratio (mask mode shared: one per prompt, repeated G times;
+  sampled: a different one per sample; sampled:M: M per prompt, each repeated G / M times -
+  rollout.masks_per_prompt).
   Samples of a prompt with one mask are one vLLM request of that many samples. It pays for its
   pre-pass: its time is prepass_s + generate_s.
 Both sample at temperature 1, top-p 1, with ignore_eos and max_tokens T (the same number of
