@@ -109,10 +109,12 @@ def test_dims_from_a_released_config_and_what_they_predict():
 
 
 def test_formulas_match_a_real_qwen2_5_vl():
-    """Per token, the linear FLOPs are 2 x the weights a token passes through."""
+    """Per token, the linear FLOPs are 2 x the weights a token passes through; the time model's
+    weight and KV bytes are those weights' and the k / v projections' sizes."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from glimpseprune.tiny import build_model_config, build_tokenizer
+    from pipeline import bench_time
     from pipeline.config import TinyModelConfig
 
     config = build_model_config(TinyModelConfig(), build_tokenizer())
@@ -131,3 +133,9 @@ def test_formulas_match_a_real_qwen2_5_vl():
     assert cost.vit_flops(d, patches) == attention + 2 * patches * (
         weights(visual.patch_embed) + weights(visual.blocks[0]) * d.vision_depth
         + weights(visual.merger) // 4)
+    assert bench_time.decoder_weight_bytes(d, 4) == 4 * weights(model.model.language_model.layers)
+    vision = weights(visual.patch_embed) + weights(visual.blocks) + weights(visual.merger)
+    assert bench_time.vision_weight_bytes(d, 4) == 4 * vision
+    attention = model.model.language_model.layers[0].self_attn
+    per_layer = attention.k_proj.out_features + attention.v_proj.out_features
+    assert bench_time.kv_bytes_per_token(d, 4) == 4 * per_layer * d.layers
