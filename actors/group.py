@@ -60,20 +60,33 @@ class DistInfo:
         timeout = datetime.timedelta(seconds=timeout_s)
         if self.local and self.backend == "gloo":
             os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
-        if self.rank == 0:
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.master_addr, self.master_port))
-            listener.listen()
-            # detach: the store's daemon owns the descriptor from here on
-            store = torch_dist.TCPStore(self.master_addr, self.master_port, self.world_size,
-                                        True, timeout=timeout, wait_for_workers=False,
-                                        master_listen_fd=listener.detach(), use_libuv=False)
-        else:
-            store = torch_dist.TCPStore(self.master_addr, self.master_port, self.world_size,
-                                        False, timeout=timeout)
+        store, _ = tcp_store(self.master_addr, self.master_port, self.world_size,
+                             self.rank == 0, timeout_s)
         torch_dist.init_process_group(self.backend, store=store, rank=self.rank,
                                       world_size=self.world_size, timeout=timeout)
+
+
+def tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout_s: float):
+    """A torch.distributed TCPStore; the master's listens on a socket bound to `host` only (a
+    TCPStore left to itself listens on every interface). Port 0 on the master: the OS picks.
+    Returns (store, port)."""
+    import datetime
+
+    import torch.distributed as torch_dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not is_master:
+        return torch_dist.TCPStore(host, port, world_size, False, timeout=timeout), port
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen()
+    port = listener.getsockname()[1]
+    # detach: the store's daemon owns the descriptor from here on; Python must not close it
+    store = torch_dist.TCPStore(host, port, world_size, True, timeout=timeout,
+                                wait_for_workers=False, master_listen_fd=listener.detach(),
+                                use_libuv=False)
+    return store, port
 
 
 def loopback_interface() -> str:
@@ -118,7 +131,8 @@ class ActorGroup:
         ray.get(self.placement.ready(), timeout=ready_timeout_s)
         addr, port = ray.get(_rendezvous_address.options(
             scheduling_strategy=self._in_bundle(0)).remote())
-        local = len(set(self.node_ids_of_bundles(num_ranks))) == 1
+        self.world_size = num_ranks
+        local = len(set(self.node_ids())) == 1
         addr = "127.0.0.1" if local else addr
         backend = "nccl" if gpus_per_rank else "gloo"
         remote_cls = ray.remote(actor_cls)
@@ -128,7 +142,6 @@ class ActorGroup:
                                scheduling_strategy=self._in_bundle(rank)).remote(
                 DistInfo(rank, num_ranks, addr, port, backend, local), *args, **(kwargs or {}))
             for rank in range(num_ranks)]
-        self.world_size = num_ranks
 
     def _in_bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=self.placement,
@@ -150,11 +163,8 @@ class ActorGroup:
 
     def node_ids(self) -> list[str]:
         """The Ray node each rank runs on (from Ray's own placement information)."""
-        return self.node_ids_of_bundles(self.world_size)
-
-    def node_ids_of_bundles(self, count: int) -> list[str]:
         table = ray.util.placement_group_table(self.placement)
-        return [table["bundles_to_node_id"][i] for i in range(count)]
+        return [table["bundles_to_node_id"][i] for i in range(self.world_size)]
 
     def shutdown(self) -> None:
         for actor in self.actors:

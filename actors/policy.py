@@ -436,9 +436,9 @@ class PolicyActor:
 
     def open_weight_channel(self, host: str, world_size: int, timeout_s: float) -> int:
         """Rank 0: opens the weight-sync group's store on `host`; returns its port."""
-        from actors.weight_channel import open_store
+        from actors.group import tcp_store
 
-        self._channel_store, port = open_store(host, world_size, timeout_s)
+        self._channel_store, port = tcp_store(host, 0, world_size, True, timeout_s)
         self._channel_args = (host, port, world_size, timeout_s)
         return port
 

@@ -1,9 +1,10 @@
 """The weight-sync collective: a gloo group of its own between policy rank 0 and the rollout
 actors, and the bucket protocol that travels over it.
 
-Owns the group's rendezvous and the wire format. Rank 0 (policy rank 0) opens a TCP store on a
-socket it binds itself, to 127.0.0.1 when every member runs on its node and to the node's own
-address otherwise (never the wildcard address torch's TCPStore binds by default); every member
+Owns the group's rendezvous and the wire format. Rank 0 (policy rank 0) opens a TCP store
+(`actors.group.tcp_store`) on a socket bound to 127.0.0.1 when every member runs on its node and
+to the node's own address otherwise (never the wildcard address torch's TCPStore binds by
+default); every member
 then builds a `ProcessGroupGloo` whose device listens on that same address. The group is
 separate from DeepSpeed's: policy ranks 1.. and the engines never join each other's groups.
 
@@ -18,29 +19,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import socket
 
 import torch
 
+from actors.group import tcp_store
+
 STORE_PREFIX = "glimpseprune-weight-sync"
-
-
-def open_store(host: str, world_size: int, timeout_s: float):
-    """Rank 0's TCP store on a socket bound to `host` (port chosen by the OS); returns
-    (store, port)."""
-    import torch.distributed as dist
-
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    # detach: the store's daemon owns the descriptor now; Python must not close it at exit.
-    store = dist.TCPStore(host, port, world_size, True,
-                          timeout=datetime.timedelta(seconds=timeout_s),
-                          wait_for_workers=False, master_listen_fd=listener.detach(),
-                          use_libuv=False)
-    return store, port
 
 
 class WeightChannel:
@@ -52,7 +36,8 @@ class WeightChannel:
         port: the store's port.
         rank, world_size: 0 for policy rank 0, 1.. for rollout actors.
         timeout_s: how long a rendezvous or a broadcast may wait for the others.
-        store: rank 0 passes the store `open_store` made (the others connect to it).
+        store: rank 0 passes the store it opened with `actors.group.tcp_store` (the others
+            connect to it).
     """
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float,
@@ -61,7 +46,7 @@ class WeightChannel:
 
         timeout = datetime.timedelta(seconds=timeout_s)
         if store is None:
-            store = dist.TCPStore(host, port, world_size, False, timeout=timeout)
+            store, _ = tcp_store(host, port, world_size, False, timeout_s)
         self._store = store  # the group reads it during its rendezvous; keep it alive
         options = dist.ProcessGroupGloo._Options()
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=device_host or host)]

@@ -68,15 +68,8 @@ class WeightSync:
         gathered = time.perf_counter()
         loaded = ray.get([actor.load_weight_buckets.remote(*refs)
                           for actor in self.rollout_actors])
-        self.version += 1
-        seconds = time.perf_counter() - start
         tensors, sent = loaded[0] if loaded else (0, 0)
-        return {"timing_s/weight_sync": seconds,
-                "timing_s/weight_gather": gathered - start,
-                "weight_sync/tensors": float(tensors), "weight_sync/buckets": float(len(refs)),
-                "weight_sync/mb": sent / 2**20,
-                "weight_sync/mb_per_s": sent / 2**20 / seconds if seconds else 0.0,
-                "weight_sync/version": self.version}
+        return self._record(start, gathered, tensors, len(refs), sent)
 
     def _push_collective(self) -> dict[str, float]:
         if not self._channel_open:
@@ -88,10 +81,15 @@ class WeightSync:
         sent, sent_buckets = self.policy_group.run("send_weight_buckets", self.bucket_numel)[0]
         gathered = time.perf_counter()
         counts = ray.get(loads)
+        return self._record(start, gathered, counts[0] if counts else 0, sent_buckets, sent)
+
+    def _record(self, start: float, gathered: float, tensors: int, buckets: int,
+                sent_bytes: int) -> dict[str, float]:
+        """One push done: its version, and the timing and size figures for the step's record."""
         self.version += 1
         seconds = time.perf_counter() - start
         return {"timing_s/weight_sync": seconds, "timing_s/weight_gather": gathered - start,
-                "weight_sync/tensors": float(counts[0]) if counts else 0.0,
-                "weight_sync/buckets": float(sent_buckets), "weight_sync/mb": sent / 2**20,
-                "weight_sync/mb_per_s": sent / 2**20 / seconds if seconds else 0.0,
+                "weight_sync/tensors": float(tensors), "weight_sync/buckets": float(buckets),
+                "weight_sync/mb": sent_bytes / 2**20,
+                "weight_sync/mb_per_s": sent_bytes / 2**20 / seconds if seconds else 0.0,
                 "weight_sync/version": self.version}

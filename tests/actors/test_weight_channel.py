@@ -11,12 +11,13 @@ import psutil
 import pytest
 import torch
 
-from actors.weight_channel import WeightChannel, open_store
+from actors.group import tcp_store
+from actors.weight_channel import WeightChannel
 
 
 def _group(world: int, timeout_s: float = 30.0):
     """(sender, receivers) of one group on 127.0.0.1; the rendezvous runs in threads."""
-    store, port = open_store("127.0.0.1", world, timeout_s)
+    store, port = tcp_store("127.0.0.1", 0, world, True, timeout_s)
     members: dict[int, WeightChannel] = {}
 
     def join(rank: int) -> None:
