@@ -53,6 +53,22 @@ def _lr_lambda(policy_cfg: PolicyConfig, total_steps: int, restart_at: int = 0):
     return factor
 
 
+def reapply_schedule(scheduler) -> None:
+    """After a resume: every group's LR from this run's schedule at the restored step.
+
+    The optimiser's saved LR is the old run's, and the scheduler's own step comes after the
+    optimiser's: resumed with a larger trainer.total_steps, the first step would still train at
+    the old schedule's LR (0 at the end of a finished cosine), the later ones on the longer
+    schedule. With an unchanged schedule this sets the LR it already has (exact resume)."""
+    if not hasattr(scheduler, "lr_lambdas"):
+        return
+    lrs = [base * factor(scheduler.last_epoch)
+           for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def _group_lr_lambdas(policy_cfg: PolicyConfig, total_steps: int, restart_at: int,
                       vision_boost: float) -> list:
     """LR factors of the (language model, vision tower) parameter groups. While the vision
@@ -367,6 +383,8 @@ class PolicyActor:
         path, client_state = self.engine.load_checkpoint(folder, tag="state")
         if path is None or client_state is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}/state")
+        if self.engine.lr_scheduler is not None:
+            reapply_schedule(self.engine.lr_scheduler)
         return client_state
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:

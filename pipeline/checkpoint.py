@@ -3,7 +3,8 @@
 Owns the layout <root>/step000010/ (DeepSpeed shards with optimiser, scheduler and the driver's
 client state: step, data position, MLflow run id; the same state as meta.json, readable before
 any actor starts) and <root>/latest, and how `checkpoint.resume` resolves
-(`latest`, a folder, or `mlflow:<run_id>`, which reads the run's `checkpoint_dir` tag).
+(`latest`, a folder, or `mlflow:<run_id>`, which reads the run's `checkpoint_dir` tag), and
+the `consumed.jsonl` record of which rows each step used, cut back to the resumed step.
 Must not know what is inside a shard: the policy actors write and read those.
 """
 
@@ -35,6 +36,28 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
 
 
 META_NAME = "meta.json"
+
+
+def consumed_log(path: str | Path, resumed_step: int) -> Path:
+    """The record of which rows each step used (one JSON line per step), ready for appending
+    from step `resumed_step + 1`: the lines of later steps (written by a run that was killed
+    after its last checkpoint, and about to be run again) and a half-written last line are
+    dropped, so the file reads as the uninterrupted run's. A fresh run (0) starts it empty."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if resumed_step > 0 and path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                continue  # the line a kill cut short
+            if step <= resumed_step:
+                kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return path
 
 
 class Checkpointer:
@@ -76,6 +99,23 @@ class Checkpointer:
         path = None if folder is None else folder / META_NAME
         return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
+    def _latest(self) -> Path | None:
+        """What `latest` names, when it is a complete checkpoint; else the complete one of the
+        highest step (a crash while a step was saved again can leave `latest` naming a folder
+        that was moved aside: `.old-stepN` then holds it); None when nothing was saved."""
+        pointer = self.root / "latest"
+        named = self.root / pointer.read_text().strip() if pointer.is_file() else None
+        if named is not None and _complete(named):
+            return named
+        found = [p for p in self.root.glob("step*") if _complete(p)] + \
+            [p for p in self.root.glob(".old-step*") if _complete(p)]
+        if not found:
+            if named is not None:
+                raise FileNotFoundError(f"{pointer} names {named.name}, which holds no complete "
+                                        "checkpoint, and no other complete one is there")
+            return None
+        return max(found, key=_step_of)
+
     def resolve(self, resume: str, tracking_client=None) -> Path | None:
         """The folder `checkpoint.resume` names; None for "" or a `latest` with nothing saved.
 
@@ -85,8 +125,7 @@ class Checkpointer:
         if not resume:
             return None
         if resume == "latest":
-            pointer = self.root / "latest"
-            return self.root / pointer.read_text().strip() if pointer.is_file() else None
+            return self._latest()
         if resume.startswith("mlflow:"):
             run_id = resume.split(":", 1)[1]
             tag = tracking_client.get_run(run_id).data.tags.get("checkpoint_dir")
@@ -98,3 +137,13 @@ class Checkpointer:
             raise FileNotFoundError(f"checkpoint.resume '{resume}' holds no checkpoint "
                                     "(expected a step folder with a 'state' subfolder)")
         return path
+
+
+def _complete(folder: Path) -> bool:
+    """A checkpoint folder as `save` leaves it: a step folder is only ever renamed into place
+    whole, so its name and the actors' state mark it complete (`.tmp-*` ones are not)."""
+    return (folder / "state").is_dir()
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.rsplit("step", 1)[1])

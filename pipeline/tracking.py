@@ -33,6 +33,16 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
+def tracking_client(cfg: Config):
+    """An MLflow client of the run's store, before the run itself is opened (e.g. to read the
+    run a checkpoint names)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    check_reachable(uri)  # a clear error now, not minutes of retries inside MLflow
+    return MlflowClient(uri)
+
+
 class TrackingUnreachable(RuntimeError):
     """tracking.uri names a server nothing answers at."""
 

@@ -58,23 +58,29 @@ def train(cfg: Config, stage: Stage, parent_run_id: str | None = None) -> dict:
     from actors.group import ActorGroup
     from actors.policy import PolicyActor
     from glimpseprune.tiny import resolve_base_model
+    from pipeline.checkpoint import Checkpointer
     from pipeline.cluster import init_ray
     from pipeline.data import load_split
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, tracking_client
 
     out = Path(cfg.output_dir)
     base = resolve_base_model(cfg.model, out)
     train_set, train_report = load_split(cfg.data, "train", out)
     validation, _ = load_split(cfg.data, "validation", out)
     init_ray(cfg.cluster)
-    tracker = Tracker(cfg, stage.name, parent_run_id)
+    checkpoints = Checkpointer(out / "checkpoints" / stage.name, cfg.checkpoint.keep_last)
+    resume_from = checkpoints.resolve(cfg.checkpoint.resume, tracking_client(cfg))
+    # a resumed run continues the MLflow run that wrote its checkpoint (not a second one)
+    tracker = Tracker(cfg, stage.name, parent_run_id,
+                      resume_run_id=Checkpointer.meta(resume_from).get("mlflow_run_id"))
     tracker.log({"data/skipped": train_report.skipped}, 0)
     group = ActorGroup(PolicyActor, cfg.policy.num_ranks, strategy=cfg.cluster.placement_strategy,
                        args=(cfg.policy, cfg.model, str(base), cfg.trainer.seed,
                              stage.total_steps),
                        kwargs=stage.actor_kwargs(cfg, base))
     try:
-        evaluation = _steps(cfg, stage, group, tracker, train_set, validation)
+        evaluation = _steps(cfg, stage, group, tracker, train_set, validation, checkpoints,
+                            resume_from)
         export = out / stage.name / "final"
         tags = stage.export(group, export)
         summary = {"stage": stage.name, "steps": stage.total_steps, "export": str(export),
@@ -93,31 +99,29 @@ def train(cfg: Config, stage: Stage, parent_run_id: str | None = None) -> dict:
     return summary
 
 
-def _steps(cfg: Config, stage: Stage, group, tracker, train_set, validation) -> dict:
+def _steps(cfg: Config, stage: Stage, group, tracker, train_set, validation, checkpoints,
+           resume_from: Path | None) -> dict:
     """The step loop (resume, batches, train, log, evaluate, checkpoint); returns the last
     evaluation."""
-    from pipeline.checkpoint import Checkpointer
+    from pipeline.checkpoint import consumed_log
     from pipeline.data import epoch_order
 
     out = Path(cfg.output_dir)
-    checkpoints = Checkpointer(out / "checkpoints" / stage.name, cfg.checkpoint.keep_last)
     start_step, position = 0, 0
-    resume_from = checkpoints.resolve(cfg.checkpoint.resume, tracker.client)
     if resume_from is not None:
         state = group.run("load_checkpoint", str(resume_from))[0]
         start_step, position = state["step"], state["data_position"]
         print(f"{stage.name}: resumed from {resume_from} at step {start_step}")
 
     evaluation: dict[str, float] = {}
-    consumed_log = out / stage.name / "consumed.jsonl"
-    consumed_log.parent.mkdir(parents=True, exist_ok=True)
+    consumed = consumed_log(out / stage.name / "consumed.jsonl", start_step)
     for step in range(start_step + 1, stage.total_steps + 1):
         t_step = time.perf_counter()
         indices = epoch_order(len(train_set), cfg.trainer.seed, position, stage.prompts_per_step)
         position += len(indices)
         rows = [train_set[i] for i in indices]
         batch = stage.make_batch(rows)
-        with consumed_log.open("a") as handle:  # which rows each step used: resume audits
+        with consumed.open("a") as handle:  # which rows each step used: resume audits
             handle.write(json.dumps({"step": step, "ids": [r["id"] for r in rows]}) + "\n")
         t_train = time.perf_counter()
         metrics = group.run_split("train_step", batch, *stage.step_args(step))[0]
@@ -131,7 +135,8 @@ def _steps(cfg: Config, stage: Stage, group, tracker, train_set, validation) -> 
         # Metrics first: a run killed right after a checkpoint has logged every step it saved.
         tracker.log(record, step)
         if step % stage.checkpoint_every == 0 or step == stage.total_steps:
-            folder = checkpoints.save(group, step, {"data_position": position})
+            folder = checkpoints.save(group, step, {"data_position": position,
+                                                    "mlflow_run_id": tracker.run_id})
             tracker.client.set_tag(tracker.run_id, "checkpoint_dir", str(folder.resolve()))
         shown = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in record.items()
                          if k in ("policy/loss", "policy/box_attention_mass",

@@ -104,5 +104,11 @@ def test_killed_run_resumes_with_the_same_losses_and_data(uninterrupted, tmp_pat
     assert _losses(tmp_path) == pytest.approx(_losses(uninterrupted), abs=1e-6)
     consumed, reference = _consumed(tmp_path), _consumed(uninterrupted)
     assert consumed == reference
+    lines = (tmp_path / "sft" / "consumed.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # each step once
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("glimpseprune-plus")
+                               .experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the killed run, continued
     first_epoch = [i for s in sorted(consumed) for i in consumed[s]]
     assert len(first_epoch) == len(set(first_epoch))  # 16 of 40 rows: none twice
