@@ -13,6 +13,8 @@ Must not place actors (actors/group.py does).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pipeline.config import ClusterConfig, Config, RolloutConfig
@@ -36,10 +38,39 @@ def init_ray(cluster_cfg: ClusterConfig, *, log_to_driver: bool = True) -> str:
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
         return f"joined {address}"
-    ray.init(address="local", num_cpus=cluster_cfg.num_cpus, num_gpus=cluster_cfg.num_gpus,
-             include_dashboard=False, log_to_driver=log_to_driver, runtime_env=runtime_env,
-             _node_ip_address="127.0.0.1")
+    with _single_machine_ray():
+        ray.init(address="local", num_cpus=cluster_cfg.num_cpus,
+                 num_gpus=cluster_cfg.num_gpus, include_dashboard=False,
+                 log_to_driver=log_to_driver, runtime_env=runtime_env,
+                 _node_ip_address="127.0.0.1")
     return "local"
+
+
+# Ray's switch for its single-machine mode (the one it uses on macOS and Windows): the node's
+# address stays 127.0.0.1, so GCS, raylet, agents and workers listen on loopback only.
+# Without it Ray replaces 127.0.0.1 by the host's address and its gRPC servers listen on every
+# interface, whatever `_node_ip_address` says.
+RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _single_machine_ray() -> Iterator[None]:
+    """Ray in its single-machine mode while a private local Ray starts; as before afterwards,
+    so that a later `ray start` or join from this process (tests do) is not refused."""
+    from ray._private import ray_constants
+
+    before_env = os.environ.get(RAY_SINGLE_MACHINE_ENV)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_SINGLE_MACHINE_ENV] = "0"  # for the processes ray.init starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import, which may be done already
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if before_env is None:
+            os.environ.pop(RAY_SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[RAY_SINGLE_MACHINE_ENV] = before_env
 
 
 class ClusterError(RuntimeError):
