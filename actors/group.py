@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -99,6 +100,26 @@ def loopback_interface() -> str:
     raise RuntimeError("no network interface holds 127.0.0.1")
 
 
+def get_all(refs: list) -> list:
+    """`ray.get` of a group's calls that fails as soon as one rank fails, and names a dead rank
+    first: the others then fail too, or wait, in a collective that lost its peer."""
+    results, pending = {}, list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            results[ready[0]] = ray.get(ready[0])
+        except Exception as first:
+            done, _ = ray.wait(pending, num_returns=len(pending), timeout=10) if pending \
+                else ([], [])
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except RayActorError as died:
+                    raise died from first
+            raise
+    return [results[ref] for ref in refs]
+
+
 @ray.remote(num_cpus=0)
 def _rendezvous_address() -> tuple[str, int]:
     """Runs in rank 0's bundle: this node's address and a port free on it right now."""
@@ -149,11 +170,11 @@ class ActorGroup:
 
     def run(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Calls `method` with the same arguments on every rank; returns each rank's result."""
-        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+        return get_all([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
 
     def run_split(self, method: str, batch: Any, *args: Any, **kwargs: Any) -> list[Any]:
         """Calls `method(shard, ...)` on every rank with `batch.split(world_size)[rank]`."""
-        return ray.get(self.submit_split(method, batch, *args, **kwargs))
+        return get_all(self.submit_split(method, batch, *args, **kwargs))
 
     def submit_split(self, method: str, batch: Any, *args: Any, **kwargs: Any) -> list:
         """`run_split` without waiting: one ObjectRef per rank (the driver overlaps roles)."""

@@ -10,8 +10,13 @@ mask (rollout.mask_mode), then vLLM generates on text + kept tokens at their ori
 positions. With rollout.mask_mode=full (plain GRPO, the unpruned baseline) the actor is stock
 vLLM on pixels instead: no pre-pass copy, one request per prompt whose n samples share its
 prefill, every visual token kept. A bad request fails its own rows with a message in
-`extras["error"]`; the engine keeps serving. Must not score, train or talk to MLflow; it is a
-plain class (Ray wraps it with `ray.remote` elsewhere), so it must not import ray.
+`extras["error"]`; the engine keeps serving. A dead engine (vLLM's EngineDeadError) raises
+`EngineDied` so that the driver restarts the actor (pipeline/grpo.py's Roles). A `seed` per
+call reseeds the mask sampler (a resumed run draws the masks the uninterrupted one did) and,
+with an inline engine, vLLM's sampler, which draws from this process's torch generator (its
+samples repeat when vLLM batches the call the same way). Must not
+score, train or talk to MLflow; it is a plain class (Ray wraps it with `ray.remote`
+elsewhere), so it must not import ray.
 """
 
 from __future__ import annotations
@@ -25,9 +30,14 @@ import torch
 from glimpseprune.keep import keep_mask_from_logits
 from glimpseprune.layout import PromptVision
 from glimpseprune.mask_sampling import sample_keep_masks
+from glimpseprune.processor import image_shape_problem
 from pipeline.batch import PromptBatch, RolloutBatch
 from pipeline.config import DataConfig, GlimpseConfig, ModelConfig, RolloutConfig
 from pipeline.prompts import prompt_text
+
+
+class EngineDied(RuntimeError):
+    """The actor's vLLM engine is dead (its process crashed): restart the actor."""
 
 
 @dataclass
@@ -142,7 +152,10 @@ class RolloutActor:
 
         # load_weights sends a callable to the workers; vLLM refuses that without this.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        from glimpseprune.vllm_engine import runs_inline
+
         self.cfg, self.glimpse_cfg = rollout_cfg, glimpse_cfg
+        self.inline = runs_inline(rollout_cfg, torch.cuda.is_available())
         self.max_image_pixels, self.prepass_batch_size = max_image_pixels, prepass_batch_size
         if rollout_cfg.mask_mode == "full":
             # Plain GRPO's rollouts: stock vLLM on pixels, its own vision tower, no pre-pass
@@ -186,7 +199,7 @@ class RolloutActor:
         if width * height > self.max_image_pixels:
             return (f"image of {width} x {height} = {width * height} pixels is over the limit "
                     f"of {self.max_image_pixels}")
-        return None
+        return image_shape_problem(width, height)
 
     @torch.no_grad()
     def _prepass_chunk(self, texts: list[str], images: list) -> list[PromptPrepass]:
@@ -260,10 +273,14 @@ class RolloutActor:
     def _run_engine(self, requests: list[dict], params) -> list:
         """vLLM outputs in request order; a request vLLM rejects becomes its error string.
         `params`: one SamplingParams for all, or a list of one per request."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         if not requests:
             return []
         try:
             return self.llm.generate(requests, params, use_tqdm=False)
+        except EngineDeadError as exc:
+            raise EngineDied(f"the vLLM engine died: {exc}") from exc
         except Exception:
             pass  # one bad request fails the whole call: retry one by one to isolate it
         outputs = []
@@ -271,9 +288,20 @@ class RolloutActor:
             own = params[k] if isinstance(params, list) else params
             try:
                 outputs.append(self.llm.generate([request], own, use_tqdm=False)[0])
+            except EngineDeadError as exc:
+                raise EngineDied(f"the vLLM engine died: {exc}") from exc
             except Exception as exc:
                 outputs.append(f"vLLM rejected the request: {type(exc).__name__}: {exc}")
         return outputs
+
+    def _reseed(self, seed: int) -> None:
+        """Sampling from here on follows `seed` alone, whatever was drawn before."""
+        if self.model is not None:
+            self.generator.manual_seed(seed)
+        if self.inline:
+            # vLLM's sampler draws from the default torch generator of the process it runs
+            # in; a separate engine process keeps the stream it was started with.
+            torch.manual_seed(seed)
 
     def _requests(self, prepass: list, errors: list, n: int, greedy: bool, keep_masks):
         """Per request, prompt-major: (prompt index, mask, request or error, samples). Samples
@@ -305,7 +333,7 @@ class RolloutActor:
         return requests
 
     def generate(self, prompts: PromptBatch, n: int, greedy: bool = False,
-                 keep_masks: list | None = None) -> RolloutBatch:
+                 keep_masks: list | None = None, seed: int | None = None) -> RolloutBatch:
         """Samples n responses per prompt, each on its own pruned prompt.
 
         Args:
@@ -314,6 +342,8 @@ class RolloutActor:
             greedy: temperature 0 and the keep rule's mask for every sample (evaluation).
             keep_masks: B = N * n bool masks (prompt-major) replacing the keep rule and the
                 mask sampling, e.g. for fixed-ratio baselines or checks.
+            seed: reseeds the mask sampler and (inline engine) vLLM's sampler first, so the
+                call's samples depend on the seed, not on what earlier calls drew.
 
         Returns:
             B = N * n rows, prompt-major. `keep_mask_BV` and `rollout_logprobs` are None per row
@@ -324,6 +354,8 @@ class RolloutActor:
         """
         if keep_masks is not None and len(keep_masks) != len(prompts) * n:
             raise ValueError(f"{len(keep_masks)} keep masks for {len(prompts)} x {n} rows")
+        if seed is not None:
+            self._reseed(seed)
         if self.model is None:
             if keep_masks is not None:
                 raise ValueError("keep_masks need the pruned engine; this actor runs stock "

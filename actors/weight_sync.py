@@ -71,6 +71,17 @@ class WeightSync:
         tensors, sent = loaded[0] if loaded else (0, 0)
         return self._record(start, gathered, tensors, len(refs), sent)
 
+    def replace_actor(self, index: int, actor) -> None:
+        """A restarted rollout actor takes engine `index`'s place: it gets the policy's current
+        weights now (through the object store: the collective's group has a dead member), and
+        the next collective push sets up a new group with it."""
+        self.rollout_actors[index] = actor
+        self._channel_open = False
+        if self.version == 0:
+            return  # nothing pushed yet: the files it loaded are the policy's weights
+        refs = self.policy_group.run("trainable_buckets", self.bucket_numel)[0]
+        ray.get(actor.load_weight_buckets.remote(*refs))
+
     def _push_collective(self) -> dict[str, float]:
         if not self._channel_open:
             self._open_channel()

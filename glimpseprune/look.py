@@ -60,7 +60,7 @@ def look(model_dir: str, image_path: str, question: str, out_dir: str,
     `model_cfg` gives the image sizes and trust_remote_code (None: the `model` defaults).
     """
     from glimpseprune.model import GlimpsePruneModel
-    from glimpseprune.processor import load_processor
+    from glimpseprune.processor import image_shape_problem, load_processor
     from pipeline.prompts import prompt_text
 
     processor = load_processor(model_dir, model_cfg or ModelConfig())
@@ -72,6 +72,8 @@ def look(model_dir: str, image_path: str, question: str, out_dir: str,
             from None
     except (OSError, ValueError) as exc:
         raise SystemExit(f"look: cannot read image {image_path!r}: {exc}") from None
+    if problem := image_shape_problem(*image.size):
+        raise SystemExit(f"look: {image_path!r}: {problem}")
     if modules_dir is None and (Path(model_dir) / "glimpse_modules").is_dir():
         modules_dir = str(Path(model_dir) / "glimpse_modules")  # a stage-2 export carries them
     model = GlimpsePruneModel.from_pretrained(model_dir, glimpse_cfg, modules_path=modules_dir)

@@ -14,6 +14,19 @@ from pathlib import Path
 
 from pipeline.config import ModelConfig
 
+# Qwen2-VL's resize refuses an image whose long side is more than this many times its short one
+# (ValueError deep inside the processor): callers check first and say so.
+MAX_ASPECT_RATIO = 200
+
+
+def image_shape_problem(width: int, height: int) -> str | None:
+    """Why the processor cannot take an image of this size, or None."""
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > MAX_ASPECT_RATIO:
+        return (f"image of {width} x {height} pixels has an aspect ratio of {ratio:.0f}; the "
+                f"Qwen2-VL processor takes at most {MAX_ASPECT_RATIO}")
+    return None
+
 
 def load_processor(model_path: str | Path, model_cfg: ModelConfig):
     """The checkpoint's processor, resizing images to `model_cfg`'s pixel range.

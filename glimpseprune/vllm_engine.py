@@ -70,7 +70,7 @@ def start_engine(model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: Ro
     if block_size:
         kwargs["block_size"] = block_size
     kwargs.update(overrides)
-    inline = _runs_inline(rollout_cfg, torch.cuda.is_available())
+    inline = runs_inline(rollout_cfg, torch.cuda.is_available())
     # vLLM reads the switch while it builds the engine only; restored so that a later
     # `separate` engine in this process still gets its own processes.
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -87,7 +87,8 @@ def start_engine(model_path: str | Path, model_cfg: ModelConfig, rollout_cfg: Ro
     return llm
 
 
-def _runs_inline(rollout_cfg: RolloutConfig, cuda: bool) -> bool:
+def runs_inline(rollout_cfg: RolloutConfig, cuda: bool) -> bool:
+    """Whether `start_engine` runs vLLM's engine core and worker in the caller's process."""
     if rollout_cfg.engine_process == "auto":
         return not cuda and rollout_cfg.tensor_parallel_size == 1
     return rollout_cfg.engine_process == "inline"

@@ -181,6 +181,10 @@ class RolloutConfig:
     # nodes). weight_sync_timeout_s bounds a rendezvous or a broadcast waiting for a peer.
     weight_sync: str = "object_store"
     weight_sync_timeout_s: float = 600.0
+    # A rollout actor whose process or vLLM engine dies is started again in its place (with the
+    # policy's current weights) and its share of the call is retried; after this many restarts
+    # in one run the run stops with the engine's error.
+    max_restarts: int = 3
     cpus_per_engine: float = 1
     gpus_per_engine: float = 0  # > 0 on GPU clusters: tensor_parallel_size GPUs per engine
     # Custom Ray resources each engine needs, e.g. {rollout_node: 1} to pin engines to the
@@ -258,6 +262,9 @@ class RewardConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     num_workers: int = 1  # reward service actors; a batch is split between them
     cpus_per_worker: float = 1
+    # A worker with no answer after this long (a hung reward function) is replaced; its rows
+    # score 0 and count in reward/errors (faults/reward_timeouts counts the replacements).
+    worker_timeout_s: float = 300.0
 
 
 @dataclass
@@ -287,6 +294,10 @@ class TrainerConfig:
     # (a stage-1 export: glimpse_modules/ + base_model.txt, or a stage-2 export: HF weights +
     # glimpse_modules/); or "mlflow:<registered model name>/<version>".
     init_from: str = ""
+    # GRPO: when an actor of the run dies (a policy or reference rank, a reward worker; a dead
+    # rollout engine alone is rollout.max_restarts'), every role is started again from the
+    # run's last checkpoint this many times at most, then the run stops with the error.
+    max_restarts: int = 2
 
 
 @dataclass
@@ -502,14 +513,15 @@ def _validate(cfg: Config) -> None:
                 "glimpse.train_steps", "glimpse.train_eval_every",
                 "glimpse.train_prompts_per_step",
                 "reference.num_ranks", "reference.micro_batch_size", "reward.num_workers",
-                "reward.judge.max_workers", "rollout.weight_sync_timeout_s"]
+                "reward.judge.max_workers", "rollout.weight_sync_timeout_s",
+                "reward.worker_timeout_s"]
     for dotted in positive:
         if _get(cfg, dotted) < 1:
             raise ConfigError(f"config key '{dotted}' must be at least 1")
     non_negative = ["policy.cpus_per_rank", "policy.gpus_per_rank", "reference.cpus_per_rank",
                     "reference.gpus_per_rank", "rollout.cpus_per_engine",
                     "rollout.gpus_per_engine", "reward.cpus_per_worker", "cluster.num_nodes",
-                    "rollout.block_size"]
+                    "rollout.block_size", "rollout.max_restarts", "trainer.max_restarts"]
     for dotted in non_negative:
         if _get(cfg, dotted) < 0:
             raise ConfigError(f"config key '{dotted}' must not be negative")

@@ -28,13 +28,15 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from glimpseprune.processor import image_shape_problem
 from pipeline.config import DataConfig
 from pipeline.synthetic import generate_split
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1  # bump when pipeline/synthetic.py draws differently: invalidates caches
-SKIP_REASONS = ("missing image", "unreadable image", "image over pixel limit", "empty question",
+SKIP_REASONS = ("missing image", "unreadable image", "image over pixel limit",
+                "extreme aspect ratio", "question or answer not text", "empty question",
                 "question too long", "empty answer", "malformed boxes", "box outside image",
                 "line not UTF-8", "line not a JSON object")
 _SKIP = "__skip_reason__"  # a JSONL line that is no row: its reason, counted like a bad row
@@ -228,6 +230,11 @@ def check_row(row: dict, data_cfg: DataConfig) -> tuple[dict | None, str | None]
                 return None, "unreadable image"  # verify() does not read a JPEG's end
     except Exception:
         return None, "unreadable image"
+    if image_shape_problem(width, height):
+        return None, "extreme aspect ratio"
+    if not all(isinstance(row.get(key), (str, int, float, type(None)))
+               for key in ("question", "answer")):
+        return None, "question or answer not text"  # e.g. a list: str() would accept its repr
     question = str(row.get("question") or "").replace("<image>", "").strip()
     answer = str(row.get("answer") or "").strip()
     if not question:

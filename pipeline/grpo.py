@@ -57,16 +57,15 @@ def starting_point(cfg: Config) -> tuple[Path, Path]:
 
 def _download_version(cfg: Config, name_version: str, into: Path) -> Path:
     from mlflow.artifacts import download_artifacts
-    from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import tracking_client, tracking_uri
 
     name, _, version = name_version.rpartition("/")
     if not name or not version:
         raise ValueError(f"trainer.init_from=mlflow:{name_version}: expected "
                          "mlflow:<registered model name>/<version>")
     uri = tracking_uri(cfg)
-    source = MlflowClient(uri).get_model_version(name, version).source
+    source = tracking_client(cfg).get_model_version(name, version).source
     into.mkdir(parents=True, exist_ok=True)
     return Path(download_artifacts(artifact_uri=source, dst_path=str(into), tracking_uri=uri))
 
@@ -108,16 +107,29 @@ class Roles:
         self.rollout_placement = placement_group([dict(bundle)] * r.num_engines,
                                                  strategy=strategy)
         ray.get(self.rollout_placement.ready(), timeout=600)
-        self.rollouts = [ray.remote(RolloutActor).options(
-            num_cpus=r.cpus_per_engine, num_gpus=r.gpus_per_engine,
-            resources=dict(r.ray_resources) or None,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.rollout_placement, placement_group_bundle_index=i)).remote(
-            str(base), cfg.model, glimpse_cfg, r, seed=cfg.trainer.seed + i,
-            max_image_pixels=cfg.data.max_image_pixels) for i in range(r.num_engines)]
-        self.rewards = [ray.remote(RewardService).options(
-            num_cpus=cfg.reward.cpus_per_worker).remote(cfg.reward)
-            for _ in range(cfg.reward.num_workers)]
+
+        def start_rollout(i: int):
+            return ray.remote(RolloutActor).options(
+                num_cpus=r.cpus_per_engine, num_gpus=r.gpus_per_engine,
+                resources=dict(r.ray_resources) or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.rollout_placement, placement_group_bundle_index=i)
+            ).remote(str(base), cfg.model, glimpse_cfg, r, seed=cfg.trainer.seed + i,
+                     max_image_pixels=cfg.data.max_image_pixels)
+
+        self._start_rollout = start_rollout
+        self.rollouts = [start_rollout(i) for i in range(r.num_engines)]
+        self.seed, self.max_restarts = cfg.trainer.seed, r.max_restarts
+        self.rollout_restarts = 0  # engines started again after a death, by this Roles
+        self.group_restarts = 0  # times the run started every role again (pipeline.grpo.run)
+        def start_reward():
+            return ray.remote(RewardService).options(
+                num_cpus=cfg.reward.cpus_per_worker).remote(cfg.reward)
+
+        self._start_reward = start_reward
+        self.rewards = [start_reward() for _ in range(cfg.reward.num_workers)]
+        self.reward_timeout_s = cfg.reward.worker_timeout_s
+        self.reward_timeouts = 0  # reward workers replaced after a timeout, by this Roles
         self.weight_sync = WeightSync(self.policy, self.rollouts, mode=r.weight_sync,
                                       timeout_s=r.weight_sync_timeout_s)
 
@@ -132,14 +144,56 @@ class Roles:
             out["reference"] = self.reference.node_ids()
         return out
 
-    def generate(self, prompts: PromptBatch, n: int, greedy: bool = False) -> RolloutBatch:
-        """Prompts split over the engines, generated in parallel, rows back in prompt order."""
+    def generate(self, prompts: PromptBatch, n: int, greedy: bool = False,
+                 step: int | None = None) -> RolloutBatch:
+        """Prompts split over the engines, generated in parallel, rows back in prompt order.
+
+        `step` seeds each engine's sampling from (trainer.seed, step, engine) alone, so a run
+        resumed at a step draws the keep masks the uninterrupted run did. An engine that dies on the
+        way is started again with the current weights and its part retried
+        (rollout.max_restarts in all)."""
+        import numpy as np
         import ray
 
+        def seed(i: int) -> int | None:
+            if step is None:
+                return None
+            return int(np.random.SeedSequence([self.seed, step, i]).generate_state(1)[0])
+
         parts = [part for part in prompts.split(len(self.rollouts)) if len(part)]
-        return RolloutBatch.concat(ray.get([
-            engine.generate.remote(part, n, greedy)
-            for engine, part in zip(self.rollouts, parts, strict=False)]))
+        refs = [engine.generate.remote(part, n, greedy, None, seed(i))
+                for i, (engine, part) in enumerate(zip(self.rollouts, parts, strict=False))]
+        results = []
+        for i, (ref, part) in enumerate(zip(refs, parts, strict=False)):
+            while True:
+                try:
+                    results.append(ray.get(ref))
+                    break
+                except Exception as exc:  # noqa: BLE001 - only engine deaths are retried
+                    if not _engine_died(exc):
+                        raise
+                    self._restart_rollout(i, exc)
+                    ref = self.rollouts[i].generate.remote(part, n, greedy, None, seed(i))
+        return RolloutBatch.concat(results)
+
+    def _restart_rollout(self, i: int, cause: Exception) -> None:
+        """Engine i died: a new actor in its placement bundle, given the policy's current
+        weights. Raises once rollout.max_restarts restarts have been used."""
+        import ray
+
+        if self.rollout_restarts >= self.max_restarts:
+            raise RuntimeError(f"rollout engine {i} died again after {self.rollout_restarts} "
+                               f"restart(s) (rollout.max_restarts={self.max_restarts}): "
+                               f"{cause}") from cause
+        self.rollout_restarts += 1
+        print(f"grpo: rollout engine {i} died ({type(cause).__name__}); starting it again "
+              f"(restart {self.rollout_restarts} of at most {self.max_restarts})", flush=True)
+        try:
+            ray.kill(self.rollouts[i])  # frees its bundle when it is only half dead
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.rollouts[i] = self._start_rollout(i)
+        self.weight_sync.replace_actor(i, self.rollouts[i])
 
     def score(self, rollout: RolloutBatch, texts: list[str]) -> dict:
         """The reward service over all rows (split between its workers), merged."""
@@ -150,11 +204,50 @@ class Roles:
         chunks = [c for c in _chunks(len(rollout), len(self.rewards)) if len(c)]
         # The reward service reads no vision-tower outputs: do not ship them to it.
         rollout = replace(rollout, prompts=replace(rollout.prompts, vision=[]))
-        parts = ray.get([w.score.remote(rollout.take(list(c)), texts[c.start:c.stop])
-                         for w, c in zip(self.rewards, chunks, strict=False)])
+        refs = [w.score.remote(rollout.take(list(c)), texts[c.start:c.stop])
+                for w, c in zip(self.rewards, chunks, strict=False)]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.reward_timeout_s)
+        parts = []
+        for k, (ref, chunk) in enumerate(zip(refs, chunks, strict=True)):
+            if ref in ready:
+                parts.append(ray.get(ref))
+                continue
+            # A hung worker (a deadlocked reward function, say): its rows score 0 and are
+            # counted as errors, as rows whose scoring raises are; a new worker takes its place.
+            print(f"grpo: reward worker {k} gave no answer in {self.reward_timeout_s:g} s "
+                  "(reward.worker_timeout_s); its rows score 0, the worker is replaced",
+                  flush=True)
+            ray.kill(self.rewards[k])
+            self.rewards[k] = self._start_reward()
+            self.reward_timeouts += 1
+            rows = len(chunk)
+            parts.append({"total": [0.0] * rows, "accuracy": [0.0] * rows,
+                          "format": [0.0] * rows, "prune_bonus": [0.0] * rows,
+                          "keep_ratio": [0.0] * rows, "errors": rows, "judge_fallbacks": 0})
         # per-row lists are joined; counts ("errors", "judge_fallbacks") are summed
         return {k: sum(part[k] for part in parts) if isinstance(parts[0][k], int)
                 else [v for part in parts for v in part[k]] for k in parts[0]}
+
+    def dead_actors(self, timeout_s: float = 60.0) -> list[str]:
+        """Which actors of the roles are dead (e.g. ["policy rank 1"]), by asking each one;
+        an actor still busy after `timeout_s` counts as alive."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        named = [(f"policy rank {i}", a) for i, a in enumerate(self.policy.actors)]
+        if self.reference is not None:
+            named += [(f"reference rank {i}", a) for i, a in enumerate(self.reference.actors)]
+        named += [(f"rollout engine {i}", a) for i, a in enumerate(self.rollouts)]
+        named += [(f"reward worker {i}", a) for i, a in enumerate(self.rewards)]
+        pings = {actor.__ray_ready__.remote(): name for name, actor in named}
+        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
+        dead = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                dead.append(pings[ref])
+        return sorted(dead)
 
     def shutdown(self) -> None:
         import ray
@@ -173,29 +266,34 @@ class Roles:
         ray.util.remove_placement_group(self.rollout_placement)
 
 
-def _client(cfg: Config):
-    """An MLflow client of the run's store, before the run itself is opened."""
-    from mlflow.tracking import MlflowClient
+def _engine_died(exc: Exception) -> bool:
+    """Whether a rollout call failed because its actor's process or its vLLM engine died (a
+    restart helps), not because of what it was asked (a restart would fail the same way)."""
+    from ray.exceptions import RayActorError, RayTaskError
 
-    from pipeline.tracking import tracking_uri
+    from actors.rollout import EngineDied
 
-    return MlflowClient(tracking_uri(cfg))
+    if isinstance(exc, RayActorError):
+        return True
+    return isinstance(exc, RayTaskError) and isinstance(exc.cause, EngineDied)
 
 
 def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dict[str, float]:
-    """One GRPO step, top to bottom; returns its MLflow record."""
-    import ray
+def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer,
+              step: int | None = None) -> dict[str, float]:
+    """One GRPO step, top to bottom; returns its MLflow record. `step` seeds the rollout's
+    sampling (see Roles.generate)."""
     import torch
 
+    from actors.group import get_all
     from pipeline import algo
 
     # 1. Rollout: G samples per prompt, each on its own keep mask (the mask is part of the action).
     t0 = time.perf_counter()
-    rollout = roles.generate(prompts, cfg.rollout.n)
+    rollout = roles.generate(prompts, cfg.rollout.n, step=step)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.response_ids]
     usable = [i for i, err in enumerate(rollout.extras["error"]) if err is None]
     batch = rollout.take(usable)
@@ -204,7 +302,8 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dic
         # Too few rows to give every rank one: no update this step (the driver counts these).
         errors = sorted({e for e in rollout.extras["error"] if e})
         return {"rollout/failed": len(rollout) - len(usable), "policy/skipped_step": 1.0,
-                "timing_s/rollout": t_rollout, "errors": errors[:3]}
+                "timing_s/rollout": t_rollout, "faults/rollout_restarts": roles.rollout_restarts,
+                "faults/group_restarts": roles.group_restarts, "errors": errors[:3]}
 
     # 2. In parallel: rewards of every row, reference log-probs on the replayed keep masks.
     ref_refs = roles.reference.submit_split("compute_logprobs", batch) if roles.reference else []
@@ -212,7 +311,7 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dic
     rewards = roles.score(rollout, texts)
     t_reward = time.perf_counter() - t1
     if ref_refs:
-        batch.extras["ref_logprobs"] = [lp for part in ray.get(ref_refs) for lp in part]
+        batch.extras["ref_logprobs"] = [lp for part in get_all(ref_refs) for lp in part]
     t_reference = time.perf_counter() - t1  # wall time until the reference was done (it
     # runs beside the reward service, so the two overlap)
 
@@ -248,6 +347,9 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer) -> dic
         "rollout/response_length": new_tokens / max(len(usable), 1),
         "rollout/tokens_per_s": new_tokens / max(extras["generate_s"][0], 1e-9),
         "rollout/failed": len(rollout) - len(usable), "rollout/trained_rows": len(batch),
+        "faults/rollout_restarts": roles.rollout_restarts,  # since the roles last started
+        "faults/group_restarts": roles.group_restarts,
+        "faults/reward_timeouts": roles.reward_timeouts,
         "policy/skipped_step": 0.0,
         "policy/loss": train["loss"], "policy/kl": train["kl"],
         "policy/clip_frac": train["clip_frac"], "policy/grad_norm": train["grad_norm"],
@@ -291,13 +393,12 @@ def _summary_line(step: int, total: int, record: dict) -> str:
 def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     """Runs GRPO from the starting point (or a checkpoint) to trainer.total_steps; returns a
     summary (also written to <output_dir>/grpo/summary.json)."""
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from pipeline.checkpoint import Checkpointer
     from pipeline.cluster import check_resources, init_ray
-    from pipeline.data import epoch_order, load_split
-    from pipeline.tracking import Tracker
+    from pipeline.data import load_split
+    from pipeline.tracking import Tracker, tracking_client
 
     check_grpo(cfg)
     out = Path(cfg.output_dir)
@@ -310,7 +411,7 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     init_ray(cfg.cluster)
     check_resources(cfg)  # before any work: say what the cluster lacks
     checkpoints = Checkpointer(out / "checkpoints" / "grpo", cfg.checkpoint.keep_last)
-    resume_from = checkpoints.resolve(cfg.checkpoint.resume, _client(cfg))
+    resume_from = checkpoints.resolve(cfg.checkpoint.resume, tracking_client(cfg))
     # a resumed run continues the MLflow run that wrote its checkpoint (not a second one)
     tracker = Tracker(cfg, "grpo", parent_run_id,
                       resume_run_id=Checkpointer.meta(resume_from).get("mlflow_run_id"))
@@ -320,45 +421,31 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     roles = Roles(cfg, base, glimpse_cfg, total)
     placement = roles.placement()  # Ray node id per rank / engine: the record of where work ran
     tracker.client.set_tag(tracker.run_id, "placement", json.dumps(placement))
-    consumed = out / "grpo" / "consumed.jsonl"  # which rows each step used: resume audits
-    consumed.parent.mkdir(parents=True, exist_ok=True)
+    progress = {"checkpoint": resume_from}  # the newest complete checkpoint of this run
     try:
-        start, position = 0, 0
-        if resume_from is not None:
-            state = roles.policy.run("load_checkpoint", str(resume_from))[0]
-            start, position = state["step"], state["data_position"]
-            roles.weight_sync.push()  # the engines start from the files, not the checkpoint
-            print(f"grpo: resumed from {resume_from} at step {start}", flush=True)
-        else:
-            tracker.log(evaluate(cfg, roles, eval_rows, tokenizer), 0)
-        evaluation: dict[str, float] = {}
-        skipped_in_a_row = 0
-        bar = tqdm(range(start + 1, total + 1), desc="grpo", unit="step", initial=start,
-                   total=total)
-        for step in bar:
-            t_step = time.perf_counter()
-            indices = epoch_order(len(train_set), cfg.trainer.seed, position,
-                                  cfg.trainer.prompts_per_step)
-            position += len(indices)
-            prompts = PromptBatch.from_rows([train_set[i] for i in indices])
-            with consumed.open("a") as handle:
-                handle.write(json.dumps({"step": step, "ids": prompts.ids}) + "\n")
-            record = grpo_step(cfg, roles, prompts, tokenizer)
-            errors = record.pop("errors", [])
-            skipped_in_a_row = skipped_in_a_row + 1 if record["policy/skipped_step"] else 0
-            if skipped_in_a_row >= MAX_SKIPPED_STEPS:
-                raise RuntimeError(f"{skipped_in_a_row} GRPO steps in a row had too few usable "
-                                   f"rollout rows to train; rollout errors: {errors}")
-            if step % cfg.trainer.eval_every == 0 or step == total:
-                evaluation = evaluate(cfg, roles, eval_rows, tokenizer)
-                record.update(evaluation)
-            record["timing_s/step"] = time.perf_counter() - t_step
-            tracker.log(record, step)  # before the checkpoint: a resumed run has no gap
-            if step % cfg.checkpoint.every_steps == 0 or step == total:
-                folder = checkpoints.save(roles.policy, step, {"data_position": position,
-                                                               "mlflow_run_id": tracker.run_id})
-                tracker.client.set_tag(tracker.run_id, "checkpoint_dir", str(folder.resolve()))
-            bar.write(_summary_line(step, total, record))
+        while True:
+            try:
+                evaluation = _steps(cfg, roles, tracker, checkpoints, progress, train_set,
+                                    eval_rows, tokenizer)
+                break
+            except Exception as exc:  # noqa: BLE001 - only a dead actor is restarted
+                # A dead rank often surfaces as its peers' error (gloo: "connection closed by
+                # peer"), so the actors themselves are asked who is gone.
+                dead = roles.dead_actors()
+                if not dead:
+                    raise
+                if roles.group_restarts >= cfg.trainer.max_restarts:
+                    raise RuntimeError(
+                        f"{', '.join(dead)} died again after {roles.group_restarts} "
+                        f"restart(s) of the roles (trainer.max_restarts="
+                        f"{cfg.trainer.max_restarts}): {exc}") from exc
+                restarts = roles.group_restarts + 1
+                print(f"grpo: {', '.join(dead)} died ({type(exc).__name__}); starting every "
+                      f"role again from {progress['checkpoint'] or 'the starting point'} "
+                      f"(restart {restarts} of at most {cfg.trainer.max_restarts})", flush=True)
+                roles.shutdown()
+                roles = Roles(cfg, base, glimpse_cfg, total)
+                roles.group_restarts = restarts
         export = out / "grpo" / "final"
         roles.policy.run("export_hf", str(export))
         tags = {"step": total, "accuracy": evaluation.get("eval/accuracy", ""),
@@ -376,6 +463,59 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     tracker.finish()
     roles.shutdown()
     return summary
+
+
+def _steps(cfg: Config, roles: Roles, tracker, checkpoints, progress: dict, train_set,
+           eval_rows: list[dict], tokenizer) -> dict[str, float]:
+    """The step loop from `progress["checkpoint"]` (None: the starting point) to the end;
+    `progress["checkpoint"]` follows each save. Returns the last evaluation."""
+    from tqdm import tqdm
+
+    from pipeline.checkpoint import consumed_log
+    from pipeline.data import epoch_order
+
+    out, total = Path(cfg.output_dir), cfg.trainer.total_steps
+    start, position, resume_from = 0, 0, progress["checkpoint"]
+    if resume_from is not None:
+        state = roles.policy.run("load_checkpoint", str(resume_from))[0]
+        start, position = state["step"], state["data_position"]
+    # which rows each step used: resume audits (steps after the checkpoint are rerun)
+    consumed = consumed_log(out / "grpo" / "consumed.jsonl", start)
+    if resume_from is not None:
+        roles.weight_sync.push()  # the engines start from the files, not the checkpoint
+        print(f"grpo: resumed from {resume_from} at step {start}", flush=True)
+    elif not roles.group_restarts:
+        tracker.log(evaluate(cfg, roles, eval_rows, tokenizer), 0)
+    evaluation: dict[str, float] = {}
+    skipped_in_a_row = 0
+    bar = tqdm(range(start + 1, total + 1), desc="grpo", unit="step", initial=start,
+               total=total)
+    for step in bar:
+        t_step = time.perf_counter()
+        indices = epoch_order(len(train_set), cfg.trainer.seed, position,
+                              cfg.trainer.prompts_per_step)
+        position += len(indices)
+        prompts = PromptBatch.from_rows([train_set[i] for i in indices])
+        with consumed.open("a") as handle:
+            handle.write(json.dumps({"step": step, "ids": prompts.ids}) + "\n")
+        record = grpo_step(cfg, roles, prompts, tokenizer, step)
+        errors = record.pop("errors", [])
+        skipped_in_a_row = skipped_in_a_row + 1 if record["policy/skipped_step"] else 0
+        if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+            raise RuntimeError(f"{skipped_in_a_row} GRPO steps in a row had too few usable "
+                               f"rollout rows to train; rollout errors: {errors}")
+        if step % cfg.trainer.eval_every == 0 or step == total:
+            evaluation = evaluate(cfg, roles, eval_rows, tokenizer)
+            record.update(evaluation)
+        record["timing_s/step"] = time.perf_counter() - t_step
+        tracker.log(record, step)  # before the checkpoint: a resumed run has no gap
+        if step % cfg.checkpoint.every_steps == 0 or step == total:
+            folder = checkpoints.save(roles.policy, step, {"data_position": position,
+                                                           "mlflow_run_id": tracker.run_id})
+            progress["checkpoint"] = folder
+            tracker.client.set_tag(tracker.run_id, "checkpoint_dir", str(folder.resolve()))
+        bar.write(_summary_line(step, total, record))
+    return evaluation
 
 
 def main(argv: list[str] | None = None) -> None:

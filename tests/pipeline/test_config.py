@@ -68,6 +68,9 @@ def test_unknown_yaml_key_names_full_path_and_file(tmp_path):
     ("rollout.weight_sync=nccl", "rollout.weight_sync"),
     ("rollout.weight_sync_timeout_s=0", "rollout.weight_sync_timeout_s"),
     ("rollout.block_size=-32", "rollout.block_size"),
+    ("rollout.max_restarts=-1", "rollout.max_restarts"),
+    ("trainer.max_restarts=-1", "trainer.max_restarts"),
+    ("reward.worker_timeout_s=0", "reward.worker_timeout_s"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

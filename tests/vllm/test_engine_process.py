@@ -65,11 +65,11 @@ def test_kv_block_size_choice():
 
 
 def test_engine_process_is_a_closed_choice():
-    from glimpseprune.vllm_engine import _runs_inline
+    from glimpseprune.vllm_engine import runs_inline
 
-    assert _runs_inline(RolloutConfig(), cuda=False)
-    assert not _runs_inline(RolloutConfig(), cuda=True)
-    assert not _runs_inline(RolloutConfig(tensor_parallel_size=2), cuda=False)
-    assert not _runs_inline(RolloutConfig(engine_process="separate"), cuda=False)
+    assert runs_inline(RolloutConfig(), cuda=False)
+    assert not runs_inline(RolloutConfig(), cuda=True)
+    assert not runs_inline(RolloutConfig(tensor_parallel_size=2), cuda=False)
+    assert not runs_inline(RolloutConfig(engine_process="separate"), cuda=False)
     with pytest.raises(ConfigError, match="rollout.engine_process"):
         load_config("configs/tiny.yaml", ["rollout.engine_process=threads"])
