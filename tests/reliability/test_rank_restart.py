@@ -10,60 +10,20 @@ checkpoint every step); once step 1 is reported, the test SIGKILLs one policy ra
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["model.max_pixels=50176", "data.synthetic.image_size=224", "data.synthetic.num_train=8",
-         "data.synthetic.num_validation=4", "data.synthetic.num_test=2",
-         "trainer.prompts_per_step=2", "rollout.n=2", "trainer.eval_samples=2",
-         "trainer.eval_every=3", "algo.train_vip=false", "trainer.total_steps=3",
-         "checkpoint.every_steps=1", "trainer.max_restarts=1"]
-
-
-def _policy_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "^ray::PolicyActor"], capture_output=True,
-                           text=True)
-    return sorted(int(pid) for pid in found.stdout.split())
+OVERRIDES = ["checkpoint.every_steps=1", "trainer.max_restarts=1"]
 
 
 @pytest.fixture(scope="module")
-def killed_rank_run(tmp_path_factory):
-    from glimpseprune.io import save_modules
-    from glimpseprune.model import GlimpsePruneModel
-    from glimpseprune.tiny import resolve_base_model
-    from pipeline.config import load_config
-
-    out = tmp_path_factory.mktemp("rank_restart")
-    cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", *SMALL])
-    base = resolve_base_model(cfg.model, out)
-    save_modules(GlimpsePruneModel.from_pretrained(base, cfg.glimpse, seed=0).glimpse_modules,
-                 out / "mods")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    cmd = [sys.executable, "-m", "pipeline.grpo", "--config", "configs/tiny.yaml",
-           f"output_dir={out}", *SMALL, f"glimpse.modules_path={out}/mods"]
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=env)
-    lines, killed = [], []
-    deadline = time.monotonic() + 900
-    for line in child.stdout:
-        lines.append(line)
-        if not killed and "grpo step 1/3" in line:
-            ranks = _policy_pids()
-            killed = ranks[-1:]  # one rank of the two: the other is left waiting on it
-            for pid in killed:
-                os.kill(pid, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            child.kill()
-            break
-    child.wait(timeout=60)
-    return out, child.returncode, "".join(lines), killed
+def killed_rank_run(grpo_with_a_kill):
+    return grpo_with_a_kill("rank_restart", OVERRIDES, after="grpo step 1/3",
+                            process_title="ray::PolicyActor",
+                            # one rank of the two: the other is left waiting on it
+                            pick=lambda pids: pids[-1:])
 
 
 def test_the_run_survives_a_killed_policy_rank(killed_rank_run):
