@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -101,22 +100,13 @@ def loopback_interface() -> str:
 
 
 def get_all(refs: list) -> list:
-    """`ray.get` of a group's calls that fails as soon as one rank fails, and names a dead rank
-    first: the others then fail too, or wait, in a collective that lost its peer."""
+    """`ray.get` of a group's calls that fails as soon as one rank fails, rather than waiting
+    for peers that may be stuck in a collective with it (the driver then finds out who died:
+    pipeline/grpo.py's Roles.dead_actors)."""
     results, pending = {}, list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        try:
-            results[ready[0]] = ray.get(ready[0])
-        except Exception as first:
-            done, _ = ray.wait(pending, num_returns=len(pending), timeout=10) if pending \
-                else ([], [])
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except RayActorError as died:
-                    raise died from first
-            raise
+        results[ready[0]] = ray.get(ready[0])
     return [results[ref] for ref in refs]
 
 

@@ -200,6 +200,7 @@ class Roles:
         import ray
 
         from pipeline.batch import _chunks
+        from rewards.service import RewardService
 
         chunks = [c for c in _chunks(len(rollout), len(self.rewards)) if len(c)]
         # The reward service reads no vision-tower outputs: do not ship them to it.
@@ -220,10 +221,7 @@ class Roles:
             ray.kill(self.rewards[k])
             self.rewards[k] = self._start_reward()
             self.reward_timeouts += 1
-            rows = len(chunk)
-            parts.append({"total": [0.0] * rows, "accuracy": [0.0] * rows,
-                          "format": [0.0] * rows, "prune_bonus": [0.0] * rows,
-                          "keep_ratio": [0.0] * rows, "errors": rows, "judge_fallbacks": 0})
+            parts.append(RewardService.all_failed(len(chunk)))
         # per-row lists are joined; counts ("errors", "judge_fallbacks") are summed
         return {k: sum(part[k] for part in parts) if isinstance(parts[0][k], int)
                 else [v for part in parts for v in part[k]] for k in parts[0]}

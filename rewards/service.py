@@ -55,6 +55,14 @@ class RewardService:
                                       self.cfg.prune_bonus.form)
         return correct, fmt, bonus
 
+    @staticmethod
+    def all_failed(rows: int) -> dict[str, list[float] | int]:
+        """What `score` returns when none of `rows` rows could be scored: every component 0,
+        every row counted as an error."""
+        return {"total": [0.0] * rows, "accuracy": [0.0] * rows, "format": [0.0] * rows,
+                "prune_bonus": [0.0] * rows, "keep_ratio": [0.0] * rows, "errors": rows,
+                "judge_fallbacks": 0}
+
     def score(self, batch: RolloutBatch, texts: list[str]) -> dict[str, list[float] | int]:
         """Rewards of every row.
 

@@ -52,6 +52,16 @@ def test_failed_rows_and_raising_functions_score_zero_and_are_counted(monkeypatc
     assert scores["total"][1] == 0.0 and scores["total"][2] == 0.0
 
 
+def test_all_failed_has_the_shape_of_a_score():
+    """What the driver records for a hung worker's rows (pipeline/grpo.py's Roles.score)."""
+    batch = _batch({"visual_tokens": [256] * 4, "kept_tokens": [64] * 4})
+    scored = RewardService(RewardConfig()).score(batch, ["red", "", "blue", "7"])
+    failed = RewardService.all_failed(4)
+    assert failed.keys() == scored.keys()
+    assert all(len(failed[k]) == 4 for k, v in scored.items() if isinstance(v, list))
+    assert failed["errors"] == 4 and failed["total"] == [0.0] * 4
+
+
 def test_unknown_correctness_is_a_clear_error():
     with pytest.raises(ValueError, match="'bogus' is unknown"):
         RewardService(RewardConfig(correctness="bogus"))
