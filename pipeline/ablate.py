@@ -5,7 +5,8 @@ bonus), `no_bonus` (GlimpsePrune+ with reward.prune_bonus.weight=0), `bonus` (Gl
 with the config's bonus), `sft_more` (the control: more SFT steps from the same base at about
 the GRPO arms' mean wall-clock) - their runs as MLflow child runs of one `ablate` parent, the
 held-out test evaluation of every final model (exact form: transformers, the model's own keep
-rule, and every token for the unpruned figure), and the summary: mean and std over seeds of
+rule, and every token for the unpruned figure; vLLM form: the keep rule in a vLLM engine, where
+every layer sees only the kept tokens), and the summary: mean and std over seeds of
 test accuracy, keep ratio and wall time, plus validation curves against steps and wall-clock as
 PNG plots. Must not change what the stages do: each arm is only config overrides.
 
@@ -46,7 +47,8 @@ def arm_overrides(arm: str, init: str, seed: int, out: Path, sft_steps: int) -> 
 
 
 def test_accuracy(cfg, model_dir: Path, modules: Path, limit: int) -> dict[str, float]:
-    """Exact-form test accuracy with the keep rule and with every token, and the keep ratio."""
+    """Test accuracy with the keep rule and with every token in the exact form, the keep
+    ratio, and the keep rule's accuracy and keep ratio in the vLLM form (`*_vllm`)."""
     from glimpseprune.model import GlimpsePruneModel
     from glimpseprune.processor import load_processor
     from pipeline.data import load_split
@@ -57,9 +59,40 @@ def test_accuracy(cfg, model_dir: Path, modules: Path, limit: int) -> dict[str, 
     model = GlimpsePruneModel.from_pretrained(model_dir, cfg.glimpse, modules_path=str(modules))
     result = evaluate_glimpse(model, load_processor(model_dir, cfg.model), rows,
                               cfg.rollout.max_new_tokens)
+    del model  # the vLLM pass loads its own copy
     return {"test/accuracy_pruned": result["eval/accuracy"],
             "test/accuracy_unpruned": result["eval/accuracy_unpruned"],
-            "test/keep_ratio": result["eval/keep_ratio"]}
+            "test/keep_ratio": result["eval/keep_ratio"],
+            **vllm_test_accuracy(cfg, model_dir, modules, rows)}
+
+
+def vllm_test_accuracy(cfg, model_dir: Path, modules: Path, rows: list[dict]) -> dict:
+    """The keep rule's greedy test accuracy in the vLLM form (every layer sees only the kept
+    tokens: what rollouts, GRPO's validation and serving run), in this process's own engine."""
+    from dataclasses import replace
+
+    from actors.rollout import RolloutActor
+    from pipeline.batch import PromptBatch
+    from pipeline.prompts import normalise_answer
+
+    actor = RolloutActor(str(model_dir), cfg.model, replace(cfg.glimpse,
+                                                            modules_path=str(modules)),
+                         replace(cfg.rollout, mask_mode="shared"), seed=cfg.trainer.seed,
+                         max_image_pixels=cfg.data.max_image_pixels)
+    try:
+        out = actor.generate(PromptBatch.from_rows(rows), n=1, greedy=True)
+    finally:
+        actor.shutdown()
+    failed = [rows[b]["id"] for b, error in enumerate(out.extras["error"]) if error]
+    if failed:
+        raise RuntimeError(f"ablate: the vLLM form failed test rows {failed[:5]}")
+    tokenizer = actor.processor.tokenizer
+    hits = [normalise_answer(tokenizer.decode(ids, skip_special_tokens=True))
+            == normalise_answer(row["answer"]) for ids, row in zip(out.response_ids, rows,
+                                                                   strict=True)]
+    return {"test/accuracy_pruned_vllm": sum(hits) / len(rows),
+            "test/keep_ratio_vllm": sum(out.extras["kept_tokens"])
+            / max(sum(out.extras["visual_tokens"]), 1)}
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float, float]]:
@@ -216,7 +249,8 @@ def write_summary(client, out: Path, init: Path, seeds: list[int], base_test: di
               for arm, runs in results.items()}
     table = {arm: {key: _stats([r[key] for r in runs]) for key in
                    ("test/accuracy_pruned", "test/accuracy_unpruned", "test/keep_ratio",
-                    "wall_s")} for arm, runs in results.items()}
+                    "test/accuracy_pruned_vllm", "test/keep_ratio_vllm", "wall_s")
+                   if all(key in r for r in runs)} for arm, runs in results.items()}
     summary = {"init": str(init), "seeds": seeds, "base": base_test, "arms": table,
                "runs": results}
     out.mkdir(parents=True, exist_ok=True)

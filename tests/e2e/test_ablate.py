@@ -33,6 +33,11 @@ def test_ablate_full_grpo_and_sft_arms(tmp_path):
     # Plain GRPO never prunes: its model still has stage 1's modules, and the exact-form test
     # figure with the keep rule is there beside the unpruned one.
     assert 0 <= full["test/accuracy_pruned"] <= 1 and 0 < full["test/keep_ratio"] < 1
+    # ... and the vLLM form's (every layer on the kept tokens only): the same keep rule, so the
+    # same kept tokens up to the pre-pass's round-off
+    assert 0 <= full["test/accuracy_pruned_vllm"] <= 1
+    assert full["test/keep_ratio_vllm"] == pytest.approx(full["test/keep_ratio"], abs=0.02)
+    assert "test/accuracy_pruned_vllm" in summary["arms"]["full"]
     assert summary["runs"]["sft_more"][0]["sft_steps"] == 2
     assert summary["base"]["test/accuracy_unpruned"] >= 0.5  # the embedded model answers
     assert (tmp_path / "ablate" / "curves.png").read_bytes()[:4] == b"\x89PNG"
