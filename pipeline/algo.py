@@ -135,3 +135,18 @@ def dynamic_sampling_keep(rewards_B: torch.Tensor, group_id_B: torch.Tensor) -> 
     low_G = torch.full((groups,), float("inf")).scatter_reduce(0, inverse_B, rewards_B.float(),
                                                                "amin")
     return (high_G > low_G)[inverse_B]
+
+
+def mean_group_std(values_B: torch.Tensor, group_id_B: torch.Tensor) -> float:
+    """Mean over groups of the population std of `values_B` within each group. Of the rows'
+    keep ratios it says whether a group's samples saw different prunings at all: near 0, the
+    pruning bonus is (almost) constant within every group and its advantage vanishes."""
+    _, inverse_B = torch.unique(group_id_B, return_inverse=True)
+    groups = int(inverse_B.max()) + 1
+    values_B = values_B.double()
+    count_G = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse_B,
+                                                                  torch.ones_like(values_B))
+    mean_G = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse_B, values_B) / count_G
+    square_G = torch.zeros(groups, dtype=torch.float64).index_add_(
+        0, inverse_B, (values_B - mean_G[inverse_B]) ** 2)
+    return float((square_G / count_G).sqrt().mean())

@@ -341,6 +341,10 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer,
         "reward/format": _mean(rewards["format"]), "reward/errors": rewards["errors"],
         "reward/judge_fallbacks": rewards.get("judge_fallbacks", 0),
         "rollout/keep_ratio": sum(kept) / max(sum(visual), 1),
+        # ~0: the samples of a group saw (almost) the same tokens, so the bonus cannot act
+        "rollout/keep_ratio_group_std": algo.mean_group_std(
+            torch.tensor([k / max(v, 1) for k, v in zip(kept, visual, strict=True)]),
+            torch.tensor([rollout.prompt_index_B[i] for i in usable])),
         "rollout/visual_tokens": _mean(visual), "rollout/kept_tokens": _mean(kept),
         "rollout/response_length": new_tokens / max(len(usable), 1),
         "rollout/tokens_per_s": new_tokens / max(extras["generate_s"][0], 1e-9),

@@ -95,6 +95,8 @@ def test_two_steps_log_every_metric_and_register_the_export(first_run):
     assert 0 in _history(out, run.info.run_id, "eval/accuracy")  # the starting point's score
     keep = _history(out, run.info.run_id, "rollout/keep_ratio")
     assert all(0.0 < v <= 1.0 for v in keep.values())
+    spread = _history(out, run.info.run_id, "rollout/keep_ratio_group_std")
+    assert {1, 2} <= set(spread) and all(0.0 <= v <= 0.5 for v in spread.values())
     assert "grpo step 2/2" in stdout
 
     versions = _client(out).search_model_versions("name='glimpseprune-plus-grpo'")

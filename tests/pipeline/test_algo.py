@@ -12,6 +12,7 @@ from pipeline.algo import (
     dynamic_sampling_keep,
     group_advantages,
     k3_kl,
+    mean_group_std,
     policy_loss,
     tis_weights,
 )
@@ -92,3 +93,14 @@ def test_tis_weights_and_dynamic_sampling():
     keep = dynamic_sampling_keep(torch.tensor([1.0, 1.0, 0.0, 1.0, 5.0]),
                                  torch.tensor([0, 0, 1, 1, 2]))
     assert keep.tolist() == [False, False, True, True, False]  # equal or singleton: dropped
+
+
+def test_mean_group_std_by_hand():
+    # group 7: 0.1, 0.3 -> mean 0.2, population std 0.1; group 2: 0.5, 0.5 -> 0;
+    # group 4: 0, 0, 0.3 -> mean 0.1, variance (0.01 + 0.01 + 0.04) / 3 = 0.02, std 0.14142
+    values_B = torch.tensor([0.1, 0.5, 0.3, 0.5, 0.0, 0.0, 0.3])
+    group_B = torch.tensor([7, 2, 7, 2, 4, 4, 4])
+    assert mean_group_std(values_B, group_B) == pytest.approx((0.1 + 0 + 0.02 ** 0.5) / 3)
+    # one shared mask per group: the bonus is constant in every group
+    assert mean_group_std(torch.tensor([0.2, 0.2, 0.6, 0.6]),
+                               torch.tensor([0, 0, 1, 1])) == 0.0
