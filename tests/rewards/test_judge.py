@@ -239,3 +239,35 @@ def test_config_accepts_a_judge_with_a_url():
     assert (cfg.reward.judge.url, cfg.reward.judge.fallback) == ("http://127.0.0.1:8000/v1",
                                                                  "anls")
     assert cfg.reward.judge.api_key_env == "OPENAI_API_KEY"
+
+
+def test_the_judge_key_is_used_but_never_logged(serve, monkeypatch, tmp_path, caplog, capsys):
+    """Issue F9 item 7: the key travels only in the request header. The run's MLflow store
+    (params = the whole config, metrics, tags), its folder and its log lines never hold it,
+    even when a hostile judge echoes it back or refuses it."""
+    from pipeline.tracking import Tracker
+
+    key = "sk-never-log-5f2c9e"
+    monkeypatch.setenv("GLIMPSE_TEST_JUDGE_KEY", key)
+    server = serve(lambda body, n: [(200, f"Bearer {key}", 0.0), (401, "", 0.0),
+                                    (200, "yes", 0.0)][(n - 1) % 3])
+    cfg = load_config(None, [f"output_dir={tmp_path}", "reward.correctness=judge",
+                             f"reward.judge.url={server.url}", "reward.judge.retries=0",
+                             "reward.judge.api_key_env=GLIMPSE_TEST_JUDGE_KEY"])
+    tracker = Tracker(cfg, "grpo")
+    prompts = PromptBatch(ids=["p0"], images=[None], questions=["What colour?"],
+                          answers=["red"])
+    batch = RolloutBatch(prompts=prompts, prompt_index_B=[0, 0, 0], response_ids=[[1]] * 3,
+                         extras={})
+    with caplog.at_level("DEBUG"):
+        scores = RewardService(cfg.reward).score(batch, ["red", "red", "red"])
+    tracker.log({f"reward/{k}": sum(v) / len(v) if isinstance(v, list) else v
+                 for k, v in scores.items()}, 1)
+    tracker.finish()
+    assert sorted(r["auth"] for r in server.requests) == [f"Bearer {key}"] * 3  # it was used
+    assert scores["judge_fallbacks"] == 2  # the echo and the refusal fell back to exact match
+    stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert b"GLIMPSE_TEST_JUDGE_KEY" in stored  # the variable's NAME is a logged param ...
+    assert key.encode() not in stored  # ... its value is nowhere in the run's files
+    printed = capsys.readouterr()
+    assert key not in caplog.text + printed.out + printed.err
