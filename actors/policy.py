@@ -379,8 +379,12 @@ class PolicyActor:
         self.engine.save_checkpoint(folder, tag="state", client_state=client_state)
 
     def load_checkpoint(self, folder: str) -> dict:
-        """Restores weights, optimiser and scheduler; returns the saved client_state."""
-        path, client_state = self.engine.load_checkpoint(folder, tag="state")
+        """Restores weights, optimiser and scheduler; returns the saved client_state. Every
+        file is read with torch.load(weights_only=True) (actors/safe_checkpoint.py)."""
+        from actors.safe_checkpoint import weights_only_loads
+
+        with weights_only_loads(self.engine):
+            path, client_state = self.engine.load_checkpoint(folder, tag="state")
         if path is None or client_state is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}/state")
         if self.engine.lr_scheduler is not None:
