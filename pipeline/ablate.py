@@ -73,7 +73,7 @@ def vllm_test_accuracy(cfg, model_dir: Path, modules: Path, rows: list[dict]) ->
 
     from actors.rollout import RolloutActor
     from pipeline.batch import PromptBatch
-    from pipeline.prompts import normalise_answer
+    from pipeline.grpo import greedy_scores
 
     actor = RolloutActor(str(model_dir), cfg.model, replace(cfg.glimpse,
                                                             modules_path=str(modules)),
@@ -86,13 +86,9 @@ def vllm_test_accuracy(cfg, model_dir: Path, modules: Path, rows: list[dict]) ->
     failed = [rows[b]["id"] for b, error in enumerate(out.extras["error"]) if error]
     if failed:
         raise RuntimeError(f"ablate: the vLLM form failed test rows {failed[:5]}")
-    tokenizer = actor.processor.tokenizer
-    hits = [normalise_answer(tokenizer.decode(ids, skip_special_tokens=True))
-            == normalise_answer(row["answer"]) for ids, row in zip(out.response_ids, rows,
-                                                                   strict=True)]
-    return {"test/accuracy_pruned_vllm": sum(hits) / len(rows),
-            "test/keep_ratio_vllm": sum(out.extras["kept_tokens"])
-            / max(sum(out.extras["visual_tokens"]), 1)}
+    scores = greedy_scores(out, rows, actor.processor.tokenizer)  # as GRPO's validation
+    return {"test/accuracy_pruned_vllm": scores["eval/accuracy"],
+            "test/keep_ratio_vllm": scores["eval/keep_ratio"]}
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float, float]]:

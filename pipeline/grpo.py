@@ -366,9 +366,14 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer,
 
 def evaluate(cfg: Config, roles: Roles, rows: list[dict], tokenizer) -> dict[str, float]:
     """Greedy answers with the keep rule (the deployed behaviour) on held-out rows."""
+    return greedy_scores(roles.generate(PromptBatch.from_rows(rows), 1, greedy=True), rows,
+                         tokenizer)
+
+
+def greedy_scores(out, rows: list[dict], tokenizer) -> dict[str, float]:
+    """Exact-match accuracy and keep ratio of one greedy answer per row (a RolloutBatch)."""
     from pipeline.prompts import normalise_answer
 
-    out = roles.generate(PromptBatch.from_rows(rows), 1, greedy=True)
     hits, kept, visual = [], 0, 0
     for i, ids in enumerate(out.response_ids):
         answer = tokenizer.decode(ids, skip_special_tokens=True)

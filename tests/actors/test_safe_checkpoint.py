@@ -1,6 +1,7 @@
 """Checkpoint files are read with torch.load(weights_only=True): a tampered file's pickled code
 is refused, not run; DeepSpeed's own checkpoints still load (the resume tests in tests/e2e and
-tests/reliability read real ZeRO-3 checkpoints through `PolicyActor.load_checkpoint`)."""
+tests/reliability read real ZeRO-0 (SFT) and ZeRO-3 checkpoints through
+`PolicyActor.load_checkpoint`)."""
 
 from __future__ import annotations
 

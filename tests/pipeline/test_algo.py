@@ -103,4 +103,4 @@ def test_mean_group_std_by_hand():
     assert mean_group_std(values_B, group_B) == pytest.approx((0.1 + 0 + 0.02 ** 0.5) / 3)
     # one shared mask per group: the bonus is constant in every group
     assert mean_group_std(torch.tensor([0.2, 0.2, 0.6, 0.6]),
-                               torch.tensor([0, 0, 1, 1])) == 0.0
+                          torch.tensor([0, 0, 1, 1])) == 0.0
