@@ -21,7 +21,6 @@ elsewhere), so it must not import ray.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, replace
 
@@ -117,19 +116,6 @@ def _runs(masks) -> list[tuple[torch.Tensor, int]]:
     return out
 
 
-def _load_into_worker(worker, payload: bytes) -> int:
-    """Runs inside each vLLM worker: loads HF-named weights (safetensors bytes) into its model."""
-    from safetensors.torch import load
-
-    weights = load(payload)
-    # reload_weights, not model.load_weights: on CPU vLLM repacks linear weights after loading
-    # (the packed parameters lose their weight_loader); the reload path restores the checkpoint
-    # layout, loads, repacks, and clears this worker's encoder and multimodal caches. A layer
-    # absent from `weights` keeps its old values; a layer given in part is not supported.
-    worker.model_runner.reload_weights(weights_iterator=iter(weights.items()))
-    return len(weights)
-
-
 class RolloutActor:
     """A vLLM rollout engine with GlimpsePrune pruning (one per rollout GPU group)."""
 
@@ -150,9 +136,11 @@ class RolloutActor:
         from glimpseprune.vllm_engine import start_engine
         from glimpseprune.vllm_plugin import engine_overrides
 
-        # load_weights sends a callable to the workers; vLLM refuses that without this.
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        from actors.rollout_worker import EXTENSION
         from glimpseprune.vllm_engine import runs_inline
+
+        # Weight reloads call the workers' methods by name: no pickled callables on vLLM's IPC.
+        engine_kwargs = {"worker_extension_cls": EXTENSION, **engine_kwargs}
 
         self.cfg, self.glimpse_cfg = rollout_cfg, glimpse_cfg
         self.inline = runs_inline(rollout_cfg, torch.cuda.is_available())
@@ -465,10 +453,8 @@ class RolloutActor:
         """HF-named base weights into every vLLM worker, then the caches they invalidate."""
         from safetensors.torch import save
 
-        # Tensors do not survive collective_rpc's msgspec + pickle trip as tensors (they reach
-        # the worker as lists); safetensors bytes do, and keep names, shapes and dtypes.
         payload = save({n: t.detach().cpu().contiguous() for n, t in base.items()})
-        self.llm.collective_rpc(_load_into_worker, args=(payload,))
+        self.llm.collective_rpc("load_safetensors_bytes", args=(payload,))
         # The workers dropped their encoder and multimodal caches; the front end and the
         # scheduler must forget them too, or a repeated image is a cache miss in the worker.
         # Cached prompt KV was computed with the old weights.

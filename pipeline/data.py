@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -38,7 +39,10 @@ GENERATOR_VERSION = 1  # bump when pipeline/synthetic.py draws differently: inva
 SKIP_REASONS = ("missing image", "unreadable image", "image over pixel limit",
                 "extreme aspect ratio", "question or answer not text", "empty question",
                 "question too long", "empty answer", "malformed boxes", "box outside image",
-                "line not UTF-8", "line not a JSON object")
+                "line not UTF-8", "line not a JSON object", "special-token marker in text")
+# A chat or vision marker such as <|image_pad|> in a question is read by the tokenizer as the
+# token itself: one more image placeholder than images, or a turn ended early.
+_SPECIAL_MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 _SKIP = "__skip_reason__"  # a JSONL line that is no row: its reason, counted like a bad row
 
 
@@ -243,6 +247,8 @@ def check_row(row: dict, data_cfg: DataConfig) -> tuple[dict | None, str | None]
         return None, "question too long"
     if not answer:
         return None, "empty answer"
+    if _SPECIAL_MARKER.search(question) or _SPECIAL_MARKER.search(answer):
+        return None, "special-token marker in text"
     boxes, reason = _check_boxes(row.get("boxes"), width, height)
     if reason:
         return None, reason

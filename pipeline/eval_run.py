@@ -92,8 +92,10 @@ def _row_box_masks(processor, rows: list[dict]) -> list | None:
     return _box_masks(rows, grids)
 
 
-def run_methods(cfg, args, model_dir: Path, rows: list[dict], chance: dict) -> dict:
-    """Runs the comparison and writes / logs its outputs; returns the summary."""
+def run_methods(cfg, args, model_dir: Path, rows: list[dict], chance: dict,
+                skipped: int = 0) -> dict:
+    """Runs the comparison and writes / logs its outputs; returns the summary. `skipped`:
+    rows the loader or the processor left out (recorded in the summary)."""
     from glimpseprune.processor import load_processor
     from pipeline.eval_report import aggregate, plot, table
     from pipeline.tracking import Tracker
@@ -129,7 +131,7 @@ def run_methods(cfg, args, model_dir: Path, rows: list[dict], chance: dict) -> d
         for record in records:
             handle.write(json.dumps(record) + "\n")
     summary = {"model": str(model_dir), "modules": args.modules, "plus": args.plus,
-               "split": args.split, "rows": len(rows), "forms": forms,
+               "split": args.split, "rows": len(rows), "skipped": skipped, "forms": forms,
                "matched_keep_ratio": matched, "seed": args.seed, **chance,
                "results": summary_rows}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -19,12 +19,15 @@ chance levels appear only where rows have a `question_type`. Must not train.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 
 from pipeline.prompts import normalise_answer, prompt_text
+
+log = logging.getLogger(__name__)
 
 
 def _prompt_batch(processor, rows: list[dict]) -> dict:
@@ -35,6 +38,30 @@ def _prompt_batch(processor, rows: list[dict]) -> dict:
                             images=[r["image"] for r in rows], padding=True, return_tensors="pt"))
     inputs.pop("mm_token_type_ids", None)
     return inputs
+
+
+def drop_unprocessable(processor, rows: list[dict], report) -> list[dict]:
+    """The rows the processor takes, one at a time; each it refuses is counted in `report`
+    (reason "processor refused it") and left out, so one such row cannot stop an evaluation.
+    The loader checks rows first; this catches what only the model's own processor sees."""
+    kept, refused = [], []
+    for row in rows:
+        try:
+            _prompt_batch(processor, [row])
+        except Exception as error:  # noqa: BLE001 - whatever the processor raises is the row's
+            report.add("processor refused it", row["id"])
+            refused.append(f"{row['id']} ({type(error).__name__}: {error})")
+        else:
+            kept.append(row)
+    if refused:
+        log.warning(
+            "evaluate: the processor refused %d of %d rows, left out: %s", len(refused),
+            len(rows), "; ".join(refused[:5]))
+    if not kept:
+        from pipeline.data import DataError
+
+        raise DataError(f"evaluate: the processor refused every row, e.g. {refused[0]}")
+    return kept
 
 
 def evaluate_glimpse(model, processor, rows: list[dict], max_new_tokens: int = 8,
@@ -216,13 +243,14 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = Path(args.model) if args.model else resolve_base_model(cfg.model, cfg.output_dir)
     rows, report = load_split(cfg.data, args.split, cfg.output_dir)
     rows = [rows[i] for i in range(min(args.limit or len(rows), len(rows)))]
+    rows = drop_unprocessable(load_processor(model_dir, cfg.model), rows, report)
     train_answers = _train_answers(cfg)
     typed = all(r.get("question_type") for r in rows) and bool(train_answers)
     chance = chance_levels(rows, train_answers) if typed else {}
     if args.methods:
         from pipeline.eval_run import run_methods
 
-        run_methods(cfg, args, model_dir, rows, chance)
+        run_methods(cfg, args, model_dir, rows, chance, report.skipped)
         return
     model = GlimpsePruneModel.from_pretrained(model_dir, cfg.glimpse,
                                               modules_path=args.modules or None)
@@ -230,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     if not typed:
         rows = [{**r, "question_type": r.get("question_type") or "all"} for r in rows]
     result = {"model": str(model_dir), "modules": args.modules, "split": args.split,
-              "rows": len(rows), "skipped": report.skipped, **chance,
+              "rows": len(rows), "skipped": report.skipped,
+              "skipped_by_reason": dict(report.counts), **chance,
               **evaluate_grounding(model, processor, rows, cfg.rollout.max_new_tokens,
                                    with_pruning=bool(args.modules))}
     out = Path(cfg.output_dir) / "evaluate" / f"{args.split}.json"

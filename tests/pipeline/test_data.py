@@ -68,6 +68,8 @@ def test_every_bad_row_kind_is_skipped_and_counted(tmp_path, caplog):
         {**good, "id": "sliver", "image": _image(tmp_path / "sliver.png", size=(2000, 4))},
         {**good, "id": "listed", "question": ["What", "color?"]},
         {**good, "id": "number-answer", "answer": 7},  # numbers are text enough
+        {**good, "id": "placeholder", "question": "What <|image_pad|> colour?"},
+        {**good, "id": "turn-end", "answer": "red<|im_end|>"},
     ]
     cfg = _jsonl_cfg(tmp_path, rows, "data.max_image_pixels=10000")
     with open(cfg.data.path, "ab") as file:  # lines that are no row at all
@@ -78,13 +80,14 @@ def test_every_bad_row_kind_is_skipped_and_counted(tmp_path, caplog):
         ds, report = load_split(cfg.data, "train", cfg.output_dir)
     assert ds["id"] == ["good-1", "good-2", "jpeg", "number-answer"]
     assert ds[0]["boxes"] == [[0.0, 0.0, 10.0, 10.0]] and ds[1]["boxes"] == []
-    assert report.total == 20 and report.skipped == 16
+    assert report.total == 22 and report.skipped == 18
     assert dict(report.counts) == {
         "missing image": 2, "unreadable image": 2, "image over pixel limit": 1,
         "extreme aspect ratio": 1, "question or answer not text": 1,
         "empty question": 1, "question too long": 1, "empty answer": 1, "malformed boxes": 2,
-        "box outside image": 1, "line not UTF-8": 1, "line not a JSON object": 2}
-    assert report.example_ids["line not UTF-8"] == ["rows.jsonl:18"]  # where it is
+        "box outside image": 1, "line not UTF-8": 1, "line not a JSON object": 2,
+        "special-token marker in text": 2}
+    assert report.example_ids["line not UTF-8"] == ["rows.jsonl:20"]  # where it is
     assert set(report.counts) == set(SKIP_REASONS)  # every kind exercised
     assert report.example_ids["missing image"] == ["no-image", "null-image"]
     warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]

@@ -1,13 +1,18 @@
 """The pruned engine against stock vLLM (keep-all) and against a fresh engine (weight reload).
 
 Three engines, started one after another (CPU, fp32): stock vLLM Qwen2.5-VL fed pixels (its
-outputs are collected, then it stops), the rollout actor's engine on the base weights, and a
-second actor started on changed weights saved to disk. Keep-all requests carrying only
-embeddings must give stock vLLM's greedy tokens and top-k log-probs at every step; after
-`load_weights` with the changed weights, the first actor must answer as the fresh one does.
+outputs are collected, then it stops), the rollout actor's engine on the base weights - in its
+own process, so that weight reloads cross vLLM's IPC as they do on a GPU - and a second actor
+started on changed weights saved to disk. Keep-all requests carrying only embeddings must give
+stock vLLM's greedy tokens and top-k log-probs at every step; after `load_weights` with the
+changed weights, the first actor must answer as the fresh one does, without vLLM's insecure
+(pickle) serialization switched on.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,7 +61,7 @@ def actor(tiny_model_dir):
     from actors.rollout import RolloutActor
 
     actor = RolloutActor(str(tiny_model_dir), ModelConfig(), GlimpseConfig(prune_layer=2),
-                         ROLLOUT, seed=0)
+                         replace(ROLLOUT, engine_process="separate"), seed=0)
     yield actor
     actor.shutdown()
 
@@ -113,6 +118,10 @@ def test_load_weights_answers_as_a_fresh_engine_on_those_weights(actor, prompts,
                                                                  tmp_path):
     from actors.rollout import RolloutActor
 
+    assert not actor.inline  # the reload below goes through vLLM's msgpack IPC
+    assert os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION", "0") == "0"
+    with pytest.raises(TypeError, match="VLLM_ALLOW_INSECURE_SERIALIZATION"):
+        actor.llm.collective_rpc(len)  # a callable would need pickle: refused
     generator = torch.Generator().manual_seed(5)
     masks = [torch.rand(256, generator=generator) < 0.4 for _ in range(len(prompts) * 2)]
     before = actor.generate(prompts, n=2, greedy=True, keep_masks=masks)
