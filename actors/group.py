@@ -102,12 +102,30 @@ def loopback_interface() -> str:
 def get_all(refs: list) -> list:
     """`ray.get` of a group's calls that fails as soon as one rank fails, rather than waiting
     for peers that may be stuck in a collective with it (the driver then finds out who died:
-    pipeline/grpo.py's Roles.dead_actors)."""
+    `dead_actors`)."""
     results, pending = {}, list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         results[ready[0]] = ray.get(ready[0])
     return [results[ref] for ref in refs]
+
+
+def dead_actors(named: list[tuple[str, Any]], timeout_s: float = 60.0) -> list[str]:
+    """The names of the `(name, actor)` pairs whose actor is dead, by asking each one; an
+    actor still busy after `timeout_s` counts as alive. A dead rank often surfaces as its
+    peers' error (gloo: "connection closed by peer"), so a failed group call is followed by
+    this to learn who is really gone."""
+    from ray.exceptions import RayActorError
+
+    pings = {actor.__ray_ready__.remote(): name for name, actor in named}
+    ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
+    dead = []
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except RayActorError:
+            dead.append(pings[ref])
+    return sorted(dead)
 
 
 @ray.remote(num_cpus=0)

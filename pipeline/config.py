@@ -294,9 +294,10 @@ class TrainerConfig:
     # (a stage-1 export: glimpse_modules/ + base_model.txt, or a stage-2 export: HF weights +
     # glimpse_modules/); or "mlflow:<registered model name>/<version>".
     init_from: str = ""
-    # GRPO: when an actor of the run dies (a policy or reference rank, a reward worker; a dead
-    # rollout engine alone is rollout.max_restarts'), every role is started again from the
-    # run's last checkpoint this many times at most, then the run stops with the error.
+    # When an actor of the run dies (a policy rank of any stage; in GRPO also a reference rank
+    # or a reward worker - a dead rollout engine alone is rollout.max_restarts'), every role is
+    # started again from the run's last checkpoint this many times at most, then the run stops
+    # with the error.
     max_restarts: int = 2
 
 

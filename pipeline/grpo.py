@@ -229,23 +229,14 @@ class Roles:
     def dead_actors(self, timeout_s: float = 60.0) -> list[str]:
         """Which actors of the roles are dead (e.g. ["policy rank 1"]), by asking each one;
         an actor still busy after `timeout_s` counts as alive."""
-        import ray
-        from ray.exceptions import RayActorError
+        from actors.group import dead_actors
 
         named = [(f"policy rank {i}", a) for i, a in enumerate(self.policy.actors)]
         if self.reference is not None:
             named += [(f"reference rank {i}", a) for i, a in enumerate(self.reference.actors)]
         named += [(f"rollout engine {i}", a) for i, a in enumerate(self.rollouts)]
         named += [(f"reward worker {i}", a) for i, a in enumerate(self.rewards)]
-        pings = {actor.__ray_ready__.remote(): name for name, actor in named}
-        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
-        dead = []
-        for ref in ready:
-            try:
-                ray.get(ref)
-            except RayActorError:
-                dead.append(pings[ref])
-        return sorted(dead)
+        return dead_actors(named, timeout_s)
 
     def shutdown(self) -> None:
         import ray

@@ -4,7 +4,9 @@ its optimiser steps through `train` with a `Stage` that says what differs.
 Owns, in this order per step: seeded data order with a saved position (exact resume, no row
 twice in an epoch), the batch, `policy_group.train_step` on every ZeRO-3 rank, MLflow metrics,
 periodic held-out evaluation, atomic checkpoints with rotation, then the final export and its
-registration as an MLflow model version. Must not hold a stage's maths (actors/policy.py) nor
+registration as an MLflow model version. When a rank dies, every rank is started again from
+the run's last checkpoint (trainer.max_restarts times at most; `faults/group_restarts`), in
+the same MLflow run and data record. Must not hold a stage's maths (actors/policy.py) nor
 its batch contents (the Stage).
 """
 
@@ -74,13 +76,25 @@ def train(cfg: Config, stage: Stage, parent_run_id: str | None = None) -> dict:
     tracker = Tracker(cfg, stage.name, parent_run_id,
                       resume_run_id=Checkpointer.meta(resume_from).get("mlflow_run_id"))
     tracker.log({"data/skipped": train_report.skipped}, 0)
-    group = ActorGroup(PolicyActor, cfg.policy.num_ranks, strategy=cfg.cluster.placement_strategy,
-                       args=(cfg.policy, cfg.model, str(base), cfg.trainer.seed,
-                             stage.total_steps),
-                       kwargs=stage.actor_kwargs(cfg, base))
+
+    def start_ranks() -> ActorGroup:
+        return ActorGroup(PolicyActor, cfg.policy.num_ranks,
+                          strategy=cfg.cluster.placement_strategy,
+                          args=(cfg.policy, cfg.model, str(base), cfg.trainer.seed,
+                                stage.total_steps),
+                          kwargs=stage.actor_kwargs(cfg, base))
+
+    group = start_ranks()
+    # the newest complete checkpoint of this run, and how often the ranks were started again
+    progress = {"checkpoint": resume_from, "restarts": 0}
     try:
-        evaluation = _steps(cfg, stage, group, tracker, train_set, validation, checkpoints,
-                            resume_from)
+        while True:
+            try:
+                evaluation = _steps(cfg, stage, group, tracker, train_set, validation,
+                                    checkpoints, progress)
+                break
+            except Exception as exc:  # noqa: BLE001 - only a dead rank is restarted
+                group = _restart_if_a_rank_died(cfg, stage, group, start_ranks, progress, exc)
         export = out / stage.name / "final"
         tags = stage.export(group, export)
         summary = {"stage": stage.name, "steps": stage.total_steps, "export": str(export),
@@ -99,15 +113,39 @@ def train(cfg: Config, stage: Stage, parent_run_id: str | None = None) -> dict:
     return summary
 
 
+def _restart_if_a_rank_died(cfg: Config, stage: Stage, group, start_ranks, progress: dict,
+                            error: Exception):
+    """After a failed step: when a rank is dead, stops the group and returns a new one (the
+    step loop then resumes from progress["checkpoint"]); re-raises `error` when no rank is dead
+    (the failure is not a death) and stops the run once trainer.max_restarts are used."""
+    from actors.group import dead_actors
+
+    dead = dead_actors([(f"rank {i}", a) for i, a in enumerate(group.actors)])
+    if not dead:
+        raise error
+    if progress["restarts"] >= cfg.trainer.max_restarts:
+        raise RuntimeError(f"{stage.name}: {', '.join(dead)} died again after "
+                           f"{progress['restarts']} restart(s) of the ranks "
+                           f"(trainer.max_restarts={cfg.trainer.max_restarts}): {error}") from error
+    progress["restarts"] += 1
+    print(f"{stage.name}: {', '.join(dead)} died ({type(error).__name__}); starting every rank "
+          f"again from {progress['checkpoint'] or 'the base model'} (restart "
+          f"{progress['restarts']} of at most {cfg.trainer.max_restarts})", flush=True)
+    group.shutdown()
+    return start_ranks()
+
+
 def _steps(cfg: Config, stage: Stage, group, tracker, train_set, validation, checkpoints,
-           resume_from: Path | None) -> dict:
-    """The step loop (resume, batches, train, log, evaluate, checkpoint); returns the last
+           progress: dict) -> dict:
+    """The step loop (resume, batches, train, log, evaluate, checkpoint) from
+    progress["checkpoint"] (None: the base model), which follows each save; returns the last
     evaluation."""
     from pipeline.checkpoint import consumed_log
     from pipeline.data import epoch_order
 
     out = Path(cfg.output_dir)
     start_step, position = 0, 0
+    resume_from = progress["checkpoint"]
     if resume_from is not None:
         state = group.run("load_checkpoint", str(resume_from))[0]
         start_step, position = state["step"], state["data_position"]
@@ -127,6 +165,7 @@ def _steps(cfg: Config, stage: Stage, group, tracker, train_set, validation, che
         metrics = group.run_split("train_step", batch, *stage.step_args(step))[0]
         record = {"policy/grad_norm": metrics["grad_norm"], "policy/lr": metrics["lr"],
                   "timing_s/train": time.perf_counter() - t_train,
+                  "faults/group_restarts": progress["restarts"],
                   **stage.step_record(step, metrics)}
         if step % stage.eval_every == 0 or step == stage.total_steps:
             evaluation = stage.evaluate(group, validation)
@@ -138,6 +177,7 @@ def _steps(cfg: Config, stage: Stage, group, tracker, train_set, validation, che
             folder = checkpoints.save(group, step, {"data_position": position,
                                                     "mlflow_run_id": tracker.run_id})
             tracker.client.set_tag(tracker.run_id, "checkpoint_dir", str(folder.resolve()))
+            progress["checkpoint"] = folder
         shown = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in record.items()
                          if k in ("policy/loss", "policy/box_attention_mass",
                                   "policy/word_attention_mass", "eval/accuracy",

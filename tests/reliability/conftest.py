@@ -1,5 +1,6 @@
-"""The fault-injection helper of the GRPO fault tests: a tiny `python -m pipeline.grpo` run
-whose Ray actor processes of one kind the test SIGKILLs once a given line is printed."""
+"""The fault-injection helper of the run fault tests: a tiny `python -m pipeline.grpo` (or
+another stage's) run whose Ray actor processes of one kind the test SIGKILLs once a given line
+is printed."""
 
 from __future__ import annotations
 
@@ -26,28 +27,31 @@ def _pids(process_title: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def grpo_with_a_kill(tmp_path_factory):
-    """Runs GRPO with SMALL_GRPO + `overrides`; when a printed line holds `after`, SIGKILLs
-    the processes `pick` chooses from those titled `process_title`. Returns (output folder,
-    return code, everything printed, the pids killed)."""
+def run_with_a_kill(tmp_path_factory):
+    """Runs `module` with `overrides` (GRPO: after SMALL_GRPO); when a printed line holds
+    `after`, SIGKILLs the processes `pick` chooses from those titled `process_title`. Returns
+    (output folder, return code, everything printed, the pids killed)."""
 
     def run(name: str, overrides: list[str], after: str, process_title: str, pick=lambda p: p,
-            timeout_s: float = 900):
+            timeout_s: float = 900, module: str = "pipeline.grpo"):
         from glimpseprune.io import save_modules
         from glimpseprune.model import GlimpsePruneModel
         from glimpseprune.tiny import resolve_base_model
         from pipeline.config import load_config
 
-        overrides = [*SMALL_GRPO, *overrides]
+        grpo = module == "pipeline.grpo"
+        overrides = [*SMALL_GRPO, *overrides] if grpo else overrides
         out = tmp_path_factory.mktemp(name)
         cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", *overrides])
         base = resolve_base_model(cfg.model, out)  # the run finds and reuses it
-        save_modules(GlimpsePruneModel.from_pretrained(base, cfg.glimpse, seed=0)
-                     .glimpse_modules, out / "mods")
+        if grpo:
+            save_modules(GlimpsePruneModel.from_pretrained(base, cfg.glimpse, seed=0)
+                         .glimpse_modules, out / "mods")
+            overrides = [*overrides, f"glimpse.modules_path={out}/mods"]
         env = {k: v for k, v in os.environ.items()
                if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}  # a private Ray and store
-        cmd = [sys.executable, "-m", "pipeline.grpo", "--config", "configs/tiny.yaml",
-               f"output_dir={out}", *overrides, f"glimpse.modules_path={out}/mods"]
+        cmd = [sys.executable, "-m", module, "--config", "configs/tiny.yaml",
+               f"output_dir={out}", *overrides]
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True, env=env)
         lines, killed = [], []

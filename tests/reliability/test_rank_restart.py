@@ -19,8 +19,8 @@ OVERRIDES = ["checkpoint.every_steps=1", "trainer.max_restarts=1"]
 
 
 @pytest.fixture(scope="module")
-def killed_rank_run(grpo_with_a_kill):
-    return grpo_with_a_kill("rank_restart", OVERRIDES, after="grpo step 1/3",
+def killed_rank_run(run_with_a_kill):
+    return run_with_a_kill("rank_restart", OVERRIDES, after="grpo step 1/3",
                             process_title="ray::PolicyActor",
                             # one rank of the two: the other is left waiting on it
                             pick=lambda pids: pids[-1:])
@@ -51,3 +51,43 @@ def test_the_run_survives_a_killed_policy_rank(killed_rank_run):
     # the new engines got the checkpoint's weights: vLLM matches the policy's replay
     assert all(v <= 1e-5 for _, v in history("policy/logprob_abs_diff")), \
         history("policy/logprob_abs_diff")
+
+
+SMALL_SFT = ["model.max_pixels=50176", "data.synthetic.image_size=224",
+             "data.synthetic.num_train=16", "data.synthetic.num_validation=4",
+             "data.synthetic.num_test=2", "sft.total_steps=3", "sft.prompts_per_step=4",
+             "sft.eval_every=3", "trainer.eval_samples=4", "sft.checkpoint_every=1",
+             "sft.vision_pretrain_steps=0", "trainer.max_restarts=1"]
+
+
+@pytest.fixture(scope="module")
+def killed_sft_rank_run(run_with_a_kill):
+    return run_with_a_kill("sft_rank_restart", SMALL_SFT, after="sft step 1/3",
+                           process_title="ray::PolicyActor", pick=lambda pids: pids[-1:],
+                           module="pipeline.sft")
+
+
+def test_sft_survives_a_killed_rank(killed_sft_rank_run):
+    """The one training loop (pipeline/trainer.py, also pipeline.glimpse's) restarts its ranks
+    from the last checkpoint: each step trained once, each row once, one MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    out, returncode, log, killed = killed_sft_rank_run
+    assert killed, "no policy rank process was found to kill"
+    assert returncode == 0, log[-4000:]
+    assert "starting every rank again from" in log and "step000001" in log
+    assert "sft: resumed from" in log and "sft step 3/3" in log
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("glimpseprune-plus").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+    def history(key):
+        return [(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key)]
+
+    assert sorted(history("faults/group_restarts")) == [(1, 0.0), (2, 1.0), (3, 1.0)]
+    assert sorted(step for step, _ in history("policy/loss")) == [1, 2, 3]
+    record = [json.loads(line) for line in
+              (out / "sft" / "consumed.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in record] == [1, 2, 3]
+    ids = [i for r in record for i in r["ids"]]
+    assert len(ids) == len(set(ids)) == 12  # no row twice, none skipped (12 of 16)

@@ -17,8 +17,8 @@ OVERRIDES = ["rollout.max_restarts=1"]
 
 
 @pytest.fixture(scope="module")
-def killed_run(grpo_with_a_kill):
-    return grpo_with_a_kill("restart", OVERRIDES, after="grpo step 1/3",
+def killed_run(run_with_a_kill):
+    return run_with_a_kill("restart", OVERRIDES, after="grpo step 1/3",
                             process_title="ray::RolloutActor")
 
 
