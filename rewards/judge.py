@@ -2,7 +2,8 @@
 
 Owns asking an OpenAI-compatible chat-completions server whether a predicted answer matches the
 reference answer to a question: one POST per row with a timeout, retries with short exponential
-backoff on network errors, HTTP 5xx and 429, and a stated fallback rule (`reward.judge.fallback`,
+backoff on network errors, HTTP 5xx and 429 (a try ends at `timeout_s` even when the server
+trickles its reply), and a stated fallback rule (`reward.judge.fallback`,
 from rewards/functions.py) for any row the judge cannot answer. Standard library only, so a
 reward worker needs no client package. Must not raise for one bad row, must not log or store the
 API key (config holds only the NAME of its environment variable), and must not combine rewards
@@ -37,6 +38,7 @@ _USER = ("Question: {question}\nReference answer: {reference}\nPredicted answer:
          "Answer exactly \"yes\" or \"no\".")
 _BACKOFF_S = 0.1  # first wait between tries; doubles per try (0.1, 0.2, 0.4, ...)
 _RETRY_HTTP = {429}  # plus every 5xx: the server is busy or broken, not the request
+_MAX_REPLY_BYTES = 1 << 20  # a yes/no completion is a few hundred bytes
 
 
 class JudgeFailed(Exception):
@@ -45,6 +47,21 @@ class JudgeFailed(Exception):
 
 class _Retry(JudgeFailed):
     """A failure the server may recover from: worth another try after a pause."""
+
+
+def _read_by(response, deadline: float) -> bytes:
+    """The reply body, taken as it arrives. `timeout_s` alone bounds each read, so a server
+    trickling a byte at a time would hold a try for as long as it likes: past `deadline` it
+    is a timeout (retried like one); a body over 1 MiB is refused."""
+    chunks, size = [], 0
+    while chunk := response.read1(65536):
+        chunks.append(chunk)
+        size += len(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the reply was still arriving at reward.judge.timeout_s")
+        if size > _MAX_REPLY_BYTES:
+            raise JudgeFailed(f"reply over {_MAX_REPLY_BYTES} bytes")
+    return b"".join(chunks)
 
 
 class LlmJudge:
@@ -75,9 +92,10 @@ class LlmJudge:
             JudgeFailed: the reply is not yes/no, or the server refused the request (not worth
                 retrying: temperature 0 repeats the same reply, a 4xx the same refusal).
         """
+        deadline = time.monotonic() + self.cfg.timeout_s
         try:
             with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
-                reply = json.loads(response.read())
+                reply = json.loads(_read_by(response, deadline))
         except urllib.error.HTTPError as exc:
             if exc.code in _RETRY_HTTP or exc.code >= 500:
                 raise _Retry(f"http {exc.code}") from exc

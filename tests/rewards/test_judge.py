@@ -41,7 +41,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            if server.trickle_s:  # a byte at a time: no single read ever waits long
+                for k in range(len(payload)):
+                    self.wfile.write(payload[k:k + 1])
+                    self.wfile.flush()
+                    time.sleep(server.trickle_s)
+            else:
+                self.wfile.write(payload)
         except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
             pass
 
@@ -53,6 +59,7 @@ class _ChatServer(ThreadingHTTPServer):
     def __init__(self, respond):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.respond, self.requests, self.lock = respond, [], threading.Lock()
+        self.trickle_s = 0.0
         self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
@@ -123,6 +130,15 @@ def test_a_slow_server_times_out_to_the_exact_fallback(serve, prediction, expect
     # the server would have said yes; exact match decides instead: Red == red, blue != red
     assert judge.score("q", prediction, "red") == (expected, "fallback:timeout after 1 try")
     assert time.monotonic() - started < 0.9  # gave up at the timeout, not at the reply
+
+
+def test_a_server_trickling_its_reply_times_out_at_the_deadline(serve):
+    server = serve(_always("yes"))
+    server.trickle_s = 0.05  # ~150 bytes: 7 s in all, no read waits more than 0.05 s
+    judge = LlmJudge(JudgeConfig(url=server.url, timeout_s=0.5, retries=0, fallback="exact"))
+    started = time.monotonic()
+    assert judge.score("q", "blue", "red") == (0.0, "fallback:timeout after 1 try")
+    assert time.monotonic() - started < 1.5  # the try's deadline, not the reply's end
 
 
 @pytest.mark.parametrize("content,fallback,expected,reason", [
