@@ -263,10 +263,13 @@ class RolloutActor:
         `params`: one SamplingParams for all, or a list of one per request."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        from glimpseprune.vllm_engine import engine_death_guard
+
         if not requests:
             return []
         try:
-            return self.llm.generate(requests, params, use_tqdm=False)
+            with engine_death_guard(self.llm):
+                return self.llm.generate(requests, params, use_tqdm=False)
         except EngineDeadError as exc:
             raise EngineDied(f"the vLLM engine died: {exc}") from exc
         except Exception:
@@ -275,7 +278,8 @@ class RolloutActor:
         for k, request in enumerate(requests):
             own = params[k] if isinstance(params, list) else params
             try:
-                outputs.append(self.llm.generate([request], own, use_tqdm=False)[0])
+                with engine_death_guard(self.llm):
+                    outputs.append(self.llm.generate([request], own, use_tqdm=False)[0])
             except EngineDeadError as exc:
                 raise EngineDied(f"the vLLM engine died: {exc}") from exc
             except Exception as exc:
@@ -452,15 +456,22 @@ class RolloutActor:
     def _load_engine(self, base: dict[str, torch.Tensor]) -> None:
         """HF-named base weights into every vLLM worker, then the caches they invalidate."""
         from safetensors.torch import save
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        from glimpseprune.vllm_engine import engine_death_guard
 
         payload = save({n: t.detach().cpu().contiguous() for n, t in base.items()})
-        self.llm.collective_rpc("load_safetensors_bytes", args=(payload,))
-        # The workers dropped their encoder and multimodal caches; the front end and the
-        # scheduler must forget them too, or a repeated image is a cache miss in the worker.
-        # Cached prompt KV was computed with the old weights.
-        self.llm.reset_mm_cache()
-        self.llm.llm_engine.reset_encoder_cache()
-        self.llm.reset_prefix_cache()
+        try:
+            with engine_death_guard(self.llm):
+                self.llm.collective_rpc("load_safetensors_bytes", args=(payload,))
+                # The workers dropped their encoder and multimodal caches; the front end and
+                # the scheduler must forget them too, or a repeated image is a cache miss in
+                # the worker. Cached prompt KV was computed with the old weights.
+                self.llm.reset_mm_cache()
+                self.llm.llm_engine.reset_encoder_cache()
+                self.llm.reset_prefix_cache()
+        except EngineDeadError as exc:
+            raise EngineDied(f"the vLLM engine died while loading weights: {exc}") from exc
 
     def load_weight_buckets(self, *buckets: dict[str, torch.Tensor]) -> tuple[int, int]:
         """`load_weights` of the union of weight sync's buckets (Ray resolves each ObjectRef
@@ -488,6 +499,12 @@ class RolloutActor:
         received = channel.receive_push()
         self.load_weights(received)
         return len(received)
+
+    def engine_alive(self) -> bool:
+        """False once this actor's vLLM engine died (a separate engine's process); the actor
+        itself answering is what makes an inline engine count as alive."""
+        resources = getattr(self.llm.llm_engine.engine_core, "resources", None)
+        return not (resources is not None and resources.engine_dead)
 
     def node_address(self) -> str:
         """The IP address of the node this actor runs on (for the weight-sync group)."""

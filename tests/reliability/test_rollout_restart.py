@@ -3,8 +3,10 @@ placement bundle with the policy's current weights, retries its share of the ste
 finishes with `faults/rollout_restarts` logged.
 
 Runs `python -m pipeline.grpo` on configs/tiny.yaml (224 px, 3 steps, one engine); once step 1
-is reported, the test SIGKILLs the engine's process (`ray::RolloutActor...`), so step 2's rollout
-finds it dead.
+is reported, the test SIGKILLs the rollout actor's process (`ray::RolloutActor...`), so step 2's
+rollout finds it dead - or, with the engine in its own process (rollout.engine_process=separate,
+as on a GPU), only vLLM's engine core (`VLLM::EngineCore`): the actor lives on and reports
+vLLM's EngineDeadError as `EngineDied`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,30 @@ def test_the_run_survives_a_killed_engine(killed_run):
     # was started from: vLLM's log-probs match the policy's replay of them.
     dlogp = history("policy/logprob_abs_diff")
     assert dlogp[2] <= 1e-5 and dlogp[3] <= 1e-5, dlogp  # without the push: 2.3e-4 at step 2
+
+
+@pytest.fixture(scope="module")
+def dead_engine_core_run(run_with_a_kill):
+    return run_with_a_kill("engine_core", [*OVERRIDES, "rollout.engine_process=separate"],
+                           after="grpo step 1/3", process_title="VLLM::EngineCore")
+
+
+def test_the_run_survives_a_dead_engine_core_in_a_live_actor(dead_engine_core_run):
+    from mlflow.tracking import MlflowClient
+
+    out, returncode, log, killed = dead_engine_core_run
+    assert killed, "no vLLM engine core process was found to kill"
+    assert returncode == 0, log[-4000:]
+    assert "rollout engine 0 died (RayTaskError(EngineDied))" in log, log[-4000:]
+    assert "grpo step 3/3" in log
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("glimpseprune-plus").experiment_id])[0]
+    restarts = {m.step: m.value for m in
+                client.get_metric_history(run.info.run_id, "faults/rollout_restarts")}
+    assert run.info.status == "FINISHED" and restarts == {1: 0.0, 2: 1.0, 3: 1.0}, restarts
+    dlogp = {m.step: m.value for m in
+             client.get_metric_history(run.info.run_id, "policy/logprob_abs_diff")}
+    assert dlogp[2] <= 1e-5 and dlogp[3] <= 1e-5, dlogp  # the new engine has step 1's weights
 
 
 def test_a_second_death_past_the_limit_stops_with_a_clear_error(tmp_path):
