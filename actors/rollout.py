@@ -13,8 +13,9 @@ prefill, every visual token kept. A bad request fails its own rows with a messag
 `extras["error"]`; the engine keeps serving. A dead engine (vLLM's EngineDeadError) raises
 `EngineDied` so that the driver restarts the actor (pipeline/grpo.py's Roles). A `seed` per
 call reseeds the mask sampler (a resumed run draws the masks the uninterrupted one did) and,
-with an inline engine, vLLM's sampler, which draws from this process's torch generator (its
-samples repeat when vLLM batches the call the same way). Must not
+with an inline engine, vLLM's sampler, which draws from this process's torch generator, and
+empties the prefix cache, so that vLLM batches the call as a resumed run would: the same
+samples. Must not
 score, train or talk to MLflow; it is a plain class (Ray wraps it with `ray.remote`
 elsewhere), so it must not import ray.
 """
@@ -294,6 +295,12 @@ class RolloutActor:
             # vLLM's sampler draws from the default torch generator of the process it runs
             # in; a separate engine process keeps the stream it was started with.
             torch.manual_seed(seed)
+            # Which cached prompt blocks vLLM finds changes how it batches the call, and so
+            # which draw each sample gets; a resumed run's first step finds the cache cold.
+            # Starting every seeded call cold gives it the same batches either way. (Across
+            # steps the prompts differ, so little is lost: samples of one request still share
+            # their prompt within the call.)
+            self.llm.reset_prefix_cache()
 
     def _requests(self, prepass: list, errors: list, n: int, greedy: bool, keep_masks):
         """Per request, prompt-major: (prompt index, mask, request or error, samples). Samples

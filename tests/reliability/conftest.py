@@ -29,11 +29,13 @@ def _pids(process_title: str) -> list[int]:
 @pytest.fixture(scope="module")
 def run_with_a_kill(tmp_path_factory):
     """Runs `module` with `overrides` (GRPO: after SMALL_GRPO); when a printed line holds
-    `after`, SIGKILLs the processes `pick` chooses from those titled `process_title`. Returns
-    (output folder, return code, everything printed, the pids killed)."""
+    `after`, SIGKILLs the processes `pick` chooses from those titled `process_title`; each
+    `then` entry (after, process_title) is a further kill, at its own line, of every process
+    so titled. Returns (output folder, return code, everything printed, the pids killed)."""
 
     def run(name: str, overrides: list[str], after: str, process_title: str, pick=lambda p: p,
-            timeout_s: float = 900, module: str = "pipeline.grpo"):
+            timeout_s: float = 900, module: str = "pipeline.grpo",
+            then: tuple[tuple[str, str], ...] = ()):
         from glimpseprune.io import save_modules
         from glimpseprune.model import GlimpsePruneModel
         from glimpseprune.tiny import resolve_base_model
@@ -55,12 +57,15 @@ def run_with_a_kill(tmp_path_factory):
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True, env=env)
         lines, killed = [], []
+        kills = [(after, process_title, pick), *((a, t, lambda p: p) for a, t in then)]
         deadline = time.monotonic() + timeout_s
         for line in child.stdout:  # the driver's own lines and its actors' logs
             lines.append(line)
-            if not killed and after in line:
-                killed = pick(_pids(process_title))
-                for pid in killed:
+            if kills and kills[0][0] in line:
+                _, title, choose = kills.pop(0)
+                pids = choose(_pids(title))
+                killed += pids
+                for pid in pids:
                     os.kill(pid, signal.SIGKILL)
             if time.monotonic() > deadline:
                 child.kill()
