@@ -134,11 +134,9 @@ class RolloutActor:
             prepass_batch_size: prompts per pre-pass forward.
             **engine_kwargs: further `vllm.LLM` arguments (e.g. max_num_batched_tokens).
         """
-        from glimpseprune.vllm_engine import start_engine
-        from glimpseprune.vllm_plugin import engine_overrides
-
         from actors.rollout_worker import EXTENSION
-        from glimpseprune.vllm_engine import runs_inline
+        from glimpseprune.vllm_engine import runs_inline, start_engine
+        from glimpseprune.vllm_plugin import engine_overrides
 
         # Weight reloads call the workers' methods by name: no pickled callables on vLLM's IPC.
         engine_kwargs = {"worker_extension_cls": EXTENSION, **engine_kwargs}
