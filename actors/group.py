@@ -128,6 +128,23 @@ def dead_actors(named: list[tuple[str, Any]], timeout_s: float = 60.0) -> list[s
     return sorted(dead)
 
 
+def count_restart(who: str, dead: list[str], restarts: int, max_restarts: int, error: Exception,
+                  resume_from, what: str) -> int:
+    """The rule both drivers (GRPO's roles, the training loop's ranks) apply after a failed
+    step: re-raise `error` when nothing is `dead` (not a death: a restart would fail the same
+    way), stop with a clear error once `max_restarts` (trainer.max_restarts) are used, else
+    say what restarts from where and return the new restart count."""
+    if not dead:
+        raise error
+    if restarts >= max_restarts:
+        raise RuntimeError(f"{who}: {', '.join(dead)} died again after {restarts} restart(s) of "
+                           f"the {what} (trainer.max_restarts={max_restarts}): {error}") from error
+    print(f"{who}: {', '.join(dead)} died ({type(error).__name__}); starting every "
+          f"{what.removesuffix('s')} again from {resume_from} (restart {restarts + 1} of at "
+          f"most {max_restarts})", flush=True)
+    return restarts + 1
+
+
 @ray.remote(num_cpus=0)
 def _rendezvous_address() -> tuple[str, int]:
     """Runs in rank 0's bundle: this node's address and a port free on it right now."""

@@ -423,6 +423,7 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
     summary (also written to <output_dir>/grpo/summary.json)."""
     from transformers import AutoTokenizer
 
+    from actors.group import count_restart
     from pipeline.checkpoint import Checkpointer
     from pipeline.cluster import check_resources, init_ray
     from pipeline.data import load_split
@@ -459,18 +460,9 @@ def run(cfg: Config, parent_run_id: str | None = None) -> dict:
             except Exception as exc:  # noqa: BLE001 - only a dead actor is restarted
                 # A dead rank often surfaces as its peers' error (gloo: "connection closed by
                 # peer"), so the actors themselves are asked who is gone.
-                dead = roles.dead_actors()
-                if not dead:
-                    raise
-                if roles.group_restarts >= cfg.trainer.max_restarts:
-                    raise RuntimeError(
-                        f"{', '.join(dead)} died again after {roles.group_restarts} "
-                        f"restart(s) of the roles (trainer.max_restarts="
-                        f"{cfg.trainer.max_restarts}): {exc}") from exc
-                restarts = roles.group_restarts + 1
-                print(f"grpo: {', '.join(dead)} died ({type(exc).__name__}); starting every "
-                      f"role again from {progress['checkpoint'] or 'the starting point'} "
-                      f"(restart {restarts} of at most {cfg.trainer.max_restarts})", flush=True)
+                restarts = count_restart("grpo", roles.dead_actors(), roles.group_restarts,
+                                         cfg.trainer.max_restarts, exc,
+                                         progress["checkpoint"] or "the starting point", "roles")
                 roles.shutdown()
                 roles = Roles(cfg, base, glimpse_cfg, total)
                 roles.group_restarts = restarts

@@ -118,19 +118,12 @@ def _restart_if_a_rank_died(cfg: Config, stage: Stage, group, start_ranks, progr
     """After a failed step: when a rank is dead, stops the group and returns a new one (the
     step loop then resumes from progress["checkpoint"]); re-raises `error` when no rank is dead
     (the failure is not a death) and stops the run once trainer.max_restarts are used."""
-    from actors.group import dead_actors
+    from actors.group import count_restart, dead_actors
 
     dead = dead_actors([(f"rank {i}", a) for i, a in enumerate(group.actors)])
-    if not dead:
-        raise error
-    if progress["restarts"] >= cfg.trainer.max_restarts:
-        raise RuntimeError(f"{stage.name}: {', '.join(dead)} died again after "
-                           f"{progress['restarts']} restart(s) of the ranks "
-                           f"(trainer.max_restarts={cfg.trainer.max_restarts}): {error}") from error
-    progress["restarts"] += 1
-    print(f"{stage.name}: {', '.join(dead)} died ({type(error).__name__}); starting every rank "
-          f"again from {progress['checkpoint'] or 'the base model'} (restart "
-          f"{progress['restarts']} of at most {cfg.trainer.max_restarts})", flush=True)
+    progress["restarts"] = count_restart(stage.name, dead, progress["restarts"],
+                                         cfg.trainer.max_restarts, error,
+                                         progress["checkpoint"] or "the base model", "ranks")
     group.shutdown()
     return start_ranks()
 

@@ -18,6 +18,32 @@ pytestmark = pytest.mark.slow
 OVERRIDES = ["checkpoint.every_steps=1", "trainer.max_restarts=1"]
 
 
+def _one_finished_run(out):
+    """The run's MLflow client and its one run (a restart continues it), checked FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("glimpseprune-plus").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    return client, runs
+
+
+def test_the_restart_rule_reraises_counts_and_stops_at_the_limit(capsys):
+    """Both drivers' rule (actors.group.count_restart), without a run."""
+    from actors.group import count_restart
+
+    error = ConnectionError("connection closed by peer")
+    with pytest.raises(ConnectionError) as raised:  # nobody died: not a death, no restart
+        count_restart("sft", [], 0, 2, error, "step000001", "ranks")
+    assert raised.value is error
+    assert count_restart("sft", ["rank 1"], 0, 2, error, "step000001", "ranks") == 1
+    assert "sft: rank 1 died (ConnectionError); starting every rank again from step000001 " \
+           "(restart 1 of at most 2)" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match=r"rank 1 died again after 2 restart\(s\) of the "
+                                           r"ranks \(trainer.max_restarts=2\)"):
+        count_restart("sft", ["rank 1"], 2, 2, error, "step000001", "ranks")
+
+
 @pytest.fixture(scope="module")
 def killed_rank_run(run_with_a_kill):
     return run_with_a_kill("rank_restart", OVERRIDES, after="grpo step 1/3",
@@ -27,16 +53,12 @@ def killed_rank_run(run_with_a_kill):
 
 
 def test_the_run_survives_a_killed_policy_rank(killed_rank_run):
-    from mlflow.tracking import MlflowClient
-
     out, returncode, log, killed = killed_rank_run
     assert killed, "no policy rank process was found to kill"
     assert returncode == 0, log[-4000:]
     assert "starting every role again from" in log and "step000001" in log
     assert "grpo: resumed from" in log and "grpo step 3/3" in log
-    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("glimpseprune-plus").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run, continued
+    client, runs = _one_finished_run(out)
 
     def history(key):
         return [(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key)]
@@ -70,16 +92,12 @@ def killed_sft_rank_run(run_with_a_kill):
 def test_sft_survives_a_killed_rank(killed_sft_rank_run):
     """The one training loop (pipeline/trainer.py, also pipeline.glimpse's) restarts its ranks
     from the last checkpoint: each step trained once, each row once, one MLflow run."""
-    from mlflow.tracking import MlflowClient
-
     out, returncode, log, killed = killed_sft_rank_run
     assert killed, "no policy rank process was found to kill"
     assert returncode == 0, log[-4000:]
     assert "starting every rank again from" in log and "step000001" in log
     assert "sft: resumed from" in log and "sft step 3/3" in log
-    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("glimpseprune-plus").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    client, runs = _one_finished_run(out)
 
     def history(key):
         return [(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key)]
