@@ -1,10 +1,11 @@
-"""A policy rank killed in the middle of a GRPO run: the driver stops every role, starts them
-again from the run's last checkpoint and goes on; no step is trained twice or skipped, the
-data record and the MLflow run stay one.
+"""A policy rank killed in the middle of a GRPO run (or of an SFT run, the training loop sft
+and glimpse share): the driver stops every role, starts them again from the run's last
+checkpoint and goes on; no step is trained twice or skipped, the data record and the MLflow
+run stay one.
 
-Runs `python -m pipeline.grpo` on configs/tiny.yaml (224 px, 3 steps, 2 policy ranks, a
-checkpoint every step); once step 1 is reported, the test SIGKILLs one policy rank's process
-(`ray::PolicyActor...`), so step 2 finds it dead.
+Runs `python -m pipeline.grpo` (`pipeline.sft`) on configs/tiny.yaml (224 px, 3 steps, 2 policy
+ranks, a checkpoint every step); once step 1 is reported, the test SIGKILLs one policy rank's
+process (`ray::PolicyActor...`), so step 2 finds it dead.
 """
 
 from __future__ import annotations
@@ -18,14 +19,33 @@ pytestmark = pytest.mark.slow
 OVERRIDES = ["checkpoint.every_steps=1", "trainer.max_restarts=1"]
 
 
-def _one_finished_run(out):
-    """The run's MLflow client and its one run (a restart continues it), checked FINISHED."""
+def _restarted_once(result, stage: str, what: str):
+    """Checks what every restarted run must show - it finished after one restart of every
+    `what` (rank / role) from step 1's checkpoint, in one FINISHED MLflow run, each step
+    trained and recorded once, no row twice - and returns (metric history, consumed row ids)."""
     from mlflow.tracking import MlflowClient
 
+    out, returncode, log, killed = result
+    assert killed, "no policy rank process was found to kill"
+    assert returncode == 0, log[-4000:]
+    assert f"starting every {what} again from" in log and "step000001" in log
+    assert f"{stage}: resumed from" in log and f"{stage} step 3/3" in log
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("glimpseprune-plus").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    return client, runs
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run, continued
+
+    def history(key):
+        return sorted((m.step, m.value)
+                      for m in client.get_metric_history(runs[0].info.run_id, key))
+
+    assert history("faults/group_restarts") == [(1, 0.0), (2, 1.0), (3, 1.0)]
+    assert [step for step, _ in history("policy/loss")] == [1, 2, 3]  # each step once
+    record = [json.loads(line) for line in
+              (out / stage / "consumed.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in record] == [1, 2, 3]
+    ids = [i for r in record for i in r["ids"]]
+    assert len(ids) == len(set(ids))  # no row twice
+    return history, ids
 
 
 def test_the_restart_rule_reraises_counts_and_stops_at_the_limit(capsys):
@@ -53,23 +73,8 @@ def killed_rank_run(run_with_a_kill):
 
 
 def test_the_run_survives_a_killed_policy_rank(killed_rank_run):
-    out, returncode, log, killed = killed_rank_run
-    assert killed, "no policy rank process was found to kill"
-    assert returncode == 0, log[-4000:]
-    assert "starting every role again from" in log and "step000001" in log
-    assert "grpo: resumed from" in log and "grpo step 3/3" in log
-    client, runs = _one_finished_run(out)
-
-    def history(key):
-        return [(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key)]
-
-    assert sorted(history("faults/group_restarts")) == [(1, 0.0), (2, 1.0), (3, 1.0)]
-    assert sorted(step for step, _ in history("policy/loss")) == [1, 2, 3]  # each step once
-    lines = (out / "grpo" / "consumed.jsonl").read_text().splitlines()
-    record = [json.loads(line) for line in lines]
-    assert [r["step"] for r in record] == [1, 2, 3]
-    ids = [i for r in record for i in r["ids"]]
-    assert len(ids) == len(set(ids))  # no prompt twice, none skipped (6 of 8 rows)
+    history, ids = _restarted_once(killed_rank_run, "grpo", "role")
+    assert len(ids) == 6  # none skipped: 3 steps x 2 prompts of 8
     # the new engines got the checkpoint's weights: vLLM matches the policy's replay
     assert all(v <= 1e-5 for _, v in history("policy/logprob_abs_diff")), \
         history("policy/logprob_abs_diff")
@@ -92,20 +97,5 @@ def killed_sft_rank_run(run_with_a_kill):
 def test_sft_survives_a_killed_rank(killed_sft_rank_run):
     """The one training loop (pipeline/trainer.py, also pipeline.glimpse's) restarts its ranks
     from the last checkpoint: each step trained once, each row once, one MLflow run."""
-    out, returncode, log, killed = killed_sft_rank_run
-    assert killed, "no policy rank process was found to kill"
-    assert returncode == 0, log[-4000:]
-    assert "starting every rank again from" in log and "step000001" in log
-    assert "sft: resumed from" in log and "sft step 3/3" in log
-    client, runs = _one_finished_run(out)
-
-    def history(key):
-        return [(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key)]
-
-    assert sorted(history("faults/group_restarts")) == [(1, 0.0), (2, 1.0), (3, 1.0)]
-    assert sorted(step for step, _ in history("policy/loss")) == [1, 2, 3]
-    record = [json.loads(line) for line in
-              (out / "sft" / "consumed.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in record] == [1, 2, 3]
-    ids = [i for r in record for i in r["ids"]]
-    assert len(ids) == len(set(ids)) == 12  # no row twice, none skipped (12 of 16)
+    _, ids = _restarted_once(killed_sft_rank_run, "sft", "rank")
+    assert len(ids) == 12  # none skipped: 3 steps x 4 rows of 16
