@@ -55,7 +55,10 @@ def test_a_hung_reward_worker_costs_one_timeout_and_is_replaced():
         assert 2.0 <= waited < 30, waited  # bounded by the timeout, not the hang
         assert hung["total"] == [0.0] * 3 and hung["errors"] == 3
         assert roles.reward_timeouts == 1
-        scored = roles.score(batch, texts)  # the replacement answers
+        # The replacement answers (once started: a new worker process imports torch, which on
+        # a loaded 2-core box can take longer than this test's 2-s timeout by itself).
+        ray.get(roles.rewards[0].__ray_ready__.remote(), timeout=120)
+        scored = roles.score(batch, texts)
         assert scored["errors"] == 0 and scored["accuracy"] == [1.0] * 3
         assert roles.reward_timeouts == 1
     finally:
